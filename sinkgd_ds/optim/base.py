@@ -1,0 +1,253 @@
+"""Shared machinery of the matrix optimizers: parameter routing, layouts, AdamW fallback, safe steps.
+
+Subclasses (SinkGD, SCALE, SWAN) only say which *kind* each parameter gets and how a kind turns a
+gradient into an update; every kind that normalises rows/columns goes through
+``sinkgd_ds.sinkhorn``. Integrations (DeepSpeed ZeRO, Megatron) never touch the math: they hand
+this class a layout (``set_layout``) describing the pieces each inner tensor holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import hparams as hp
+from ..layout import MatrixSpec, dense_spec
+from ..sinkhorn import CommStats
+
+log = logging.getLogger("sinkgd_ds")
+
+ADAMW = "adamw"
+# Names (regex, searched in the parameter's qualified name) that stay on AdamW, as in the papers:
+# token/position embeddings and the LM head. 1-D parameters (norms, biases) always do.
+DEFAULT_FALLBACK_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"output_layer")
+NAME_ATTR = "_sinkgd_name"  # integrations tag parameters with their module name here
+
+
+def tag_parameter_names(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Record qualified names on the tensors so routing works when only bare tensors reach us."""
+    for name, p in named_params:
+        if not hasattr(p, NAME_ATTR):
+            setattr(p, NAME_ATTR, name)
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Base class. ``params``: tensors, ``(name, tensor)`` pairs, or param-group dicts of either."""
+
+    #: per-group keys every subclass accepts (their defaults come from the constructor)
+    GROUP_KEYS = ("params", "lr", "lr_scale", "weight_decay", "betas", "eps", "kind")
+    #: kinds a subclass may assign (besides ADAMW)
+    MATRIX_KINDS: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None):
+        name = type(self).__name__
+        self._where = name
+        self._fallback_re = [re.compile(p) for p in (fallback_patterns or DEFAULT_FALLBACK_PATTERNS)]
+        self._names: dict[int, str] = {}
+        self._layouts: dict[int, list[MatrixSpec]] = {}
+        self._consensus_group = None
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self.last_comm = CommStats()
+        self._validate_group(defaults, f"{name}()")
+        super().__init__(self._route(params, defaults), defaults)
+
+    # ------------------------------------------------------------------ parameter routing
+    def classify(self, name: str | None, p: torch.Tensor) -> str:
+        """Kind of a parameter: ADAMW for vectors/embeddings/head, else a matrix kind. Subclasses override."""
+        if p.dim() < 2 or self._is_fallback_name(name):
+            return ADAMW
+        return self.MATRIX_KINDS[0]
+
+    def _is_fallback_name(self, name: str | None) -> bool:
+        return name is not None and any(r.search(name) for r in self._fallback_re)
+
+    def _route(self, params: Any, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        if isinstance(params, torch.Tensor):
+            raise ValueError(f"{self._where}: params must be an iterable of tensors or dicts, got a single tensor")
+        raw = list(params)
+        if not raw:
+            raise ValueError(f"{self._where}: got an empty parameter list")
+        groups = raw if isinstance(raw[0], dict) else [{"params": raw}]
+        routed: list[dict[str, Any]] = []
+        unnamed_matrices = 0
+        for gi, g in enumerate(groups):
+            if not isinstance(g, dict) or "params" not in g:
+                raise ValueError(f"{self._where}: param group {gi} must be a dict with a 'params' key")
+            self._validate_group(g, f"{self._where} param group {gi}")
+            items = g["params"]
+            items = [items] if isinstance(items, torch.Tensor) else list(items)
+            by_kind: dict[str, list[torch.Tensor]] = {}
+            for item in items:
+                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                    pname, p = item
+                else:
+                    pname, p = getattr(item, NAME_ATTR, None), item
+                if not isinstance(p, torch.Tensor):
+                    raise ValueError(f"{self._where}: param group {gi} holds a {type(p).__name__}, not a tensor")
+                if pname is not None:
+                    self._names[id(p)] = pname
+                kind = g.get("kind") or self.classify(pname, p)
+                if kind != ADAMW and pname is None and p.dim() >= 2:
+                    unnamed_matrices += 1
+                by_kind.setdefault(kind, []).append(p)
+            for kind, ps in by_kind.items():
+                group = {k: v for k, v in g.items() if k != "params"}
+                group.update(params=ps, kind=kind)
+                routed.append(group)
+        if unnamed_matrices:
+            log.warning(
+                "%s: %d matrix parameters came without names, so none can be recognised as an embedding "
+                "or LM head (those stay on AdamW in the papers). Pass model.named_parameters().",
+                self._where, unnamed_matrices,
+            )
+        return routed
+
+    def _validate_group(self, g: dict[str, Any], where: str) -> None:
+        hp.check_known_keys(where, g, self.GROUP_KEYS if "params" in g else set(self.GROUP_KEYS) - {"params"})
+        for key, value in g.items():
+            if key in ("lr", "weight_decay"):
+                hp.non_negative(where, key, value)
+            elif key in ("lr_scale", "eps"):
+                hp.positive(where, key, value)
+            elif key == "betas":
+                hp.betas_pair(where, key, value)
+            elif key == "kind" and value is not None and value not in (ADAMW, *self.MATRIX_KINDS):
+                raise ValueError(f"{where}: kind={value!r} is not allowed; use one of "
+                                 f"{', '.join((ADAMW, *self.MATRIX_KINDS))}")
+            else:
+                self._validate_extra(where, key, value)
+
+    def _validate_extra(self, where: str, key: str, value: Any) -> None:
+        """Subclass hook for its own keys."""
+
+    # ------------------------------------------------------------------ layouts
+    def set_layout(self, specs: Iterable[MatrixSpec], consensus_group: object | None = None) -> None:
+        """Describe the pieces this rank's inner tensors hold (called by integrations).
+
+        Replaces the dense default for every owner tensor named by the specs. ``consensus_group``:
+        ranks that must agree on skipping a step with non-finite gradients (one 1-element
+        all-reduce per step; the normalisation statistics themselves are not affected).
+        """
+        self._layouts = {}
+        for spec in specs:
+            self._layouts.setdefault(id(spec.owner), []).append(spec)
+        self._consensus_group = consensus_group
+
+    def matrix_specs(self, group: dict[str, Any]) -> list[MatrixSpec]:
+        specs: list[MatrixSpec] = []
+        for p in group["params"]:
+            if id(p) in self._layouts:
+                specs.extend(self._layouts[id(p)])
+            elif p.dim() >= 2:
+                if not p.is_contiguous():
+                    raise ValueError(f"{self._where}: parameter {self._names.get(id(p), '')!r} must be contiguous")
+                specs.append(dense_spec(p, self._names.get(id(p), "")))
+            else:
+                raise RuntimeError(
+                    f"{self._where}: a {group['kind']} group holds a 1-D tensor of {p.numel()} elements with no "
+                    "layout. This is a flattened partition (ZeRO / distributed optimizer) whose matrix structure "
+                    "was not registered: import sinkgd_ds before deepspeed.initialize / use megatron_patch.")
+        return specs
+
+    # ------------------------------------------------------------------ AdamW fallback
+    def _adamw_prepare(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
+    def _adamw_apply(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if not params:
+            return
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        grads, m, v, steps = [], [], [], []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            grads.append(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype))
+            m.append(st["exp_avg"])
+            v.append(st["exp_avg_sq"])
+            steps.append(float(st["step"]))
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
+        for p, mi, vi, t in zip(params, m, v, steps):
+            bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+            denom = (vi.sqrt() / (bc2**0.5)).add_(eps)
+            p.addcdiv_(mi, denom, value=-lr / bc1)
+
+    # ------------------------------------------------------------------ the step
+    def _local_nonfinite(self, tensors: Iterable[torch.Tensor]) -> bool:
+        ts = [t for t in tensors if t is not None]
+        if not ts:
+            return False
+        flags = torch.stack([torch.isfinite(t).all() for t in ts])
+        return not bool(flags.all())
+
+    def _agree(self, bad: bool) -> bool:
+        if self._consensus_group is None or not dist.is_initialized():
+            return bad
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(
+            self._consensus_group) == "nccl" else torch.device("cpu")
+        flag = torch.tensor([1.0 if bad else 0.0], device=dev)
+        dist.all_reduce(flag, group=self._consensus_group)
+        return bool(flag.item() > 0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_comm = CommStats()
+        plans = [self._prepare(group) for group in self.param_groups]
+        bad = any(plan.get("nonfinite", False) for plan in plans)
+        bad = self._agree(bad)
+        self.last_step_skipped = bad
+        if bad:
+            self.skipped_steps += 1
+            log.warning("%s: non-finite gradients, step skipped (no weight or state changed; %d skipped so far)",
+                        self._where, self.skipped_steps)
+            return loss
+        for group, plan in zip(self.param_groups, plans):
+            self._apply(group, plan)
+        return loss
+
+    def _prepare(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Phase 1 (collectives allowed, no writes): statistics and the non-finite verdict."""
+        if group["kind"] == ADAMW:
+            params = self._adamw_prepare(group)
+            return {"params": params, "nonfinite": self._local_nonfinite(p.grad for p in params)}
+        return self._prepare_matrices(group)
+
+    def _apply(self, group: dict[str, Any], plan: dict[str, Any]) -> None:
+        """Phase 2 (only when every rank agreed the step is finite): write weights and state."""
+        if group["kind"] == ADAMW:
+            self._adamw_apply(group, plan["params"])
+        else:
+            self._apply_matrices(group, plan)
+
+    def _prepare_matrices(self, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _apply_matrices(self, group: dict[str, Any], plan: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def grad_of(t: torch.Tensor) -> torch.Tensor:
+    """Direction callback for the engine: the tensor's gradient."""
+    return t.grad
+
+
+def has_grad(spec: MatrixSpec) -> bool:
+    return all(f.tensor.grad is not None for f in spec.fragments) and spec.owner.grad is not None

@@ -1,0 +1,88 @@
+"""SCALE (Glentis et al., arXiv 2506.16659): column-normalised SGD, momentum on the last layer only.
+
+As in the official code (OptimAI-Lab/Minimalist_LLM_Pretraining, ``scale_optimizer.py``):
+  * hidden matrices (torch [out, in]): each output unit's gradient row is scaled to RMS 1
+    ("normalising along the output dimension" in the paper's W in R^{d_in x d_out} convention);
+  * embedding [vocab, d]: each hidden channel (column) is scaled to RMS 1 over the vocabulary;
+  * LM head: momentum m = beta m + (1 - beta) g (beta 0.9), then rows scaled to RMS 1;
+  * 1-D parameters (norms, biases): AdamW.
+RMS 1 over n entries is l2 norm sqrt(n): exactly one half-iteration of the Sinkhorn engine, so the
+sharded layouts work unchanged. The official clamp (rms >= 1e-8) only differs from the engine's
+zero-row rule for rows with RMS below 1e-8.
+
+Defaults: lr=0.02 (AdamW groups; the official adam_lr default) with lr_scale=0.05, so matrices use
+1e-3, the official matrix lr for 60M-350M; momentum=0.9; weight_decay=0 (official scripts).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .. import hparams as hp
+from .base import ADAMW, MatrixOptimizer
+from .sinkgd import apply_normalized, prepare_normalized
+
+SCALE_MATRIX, SCALE_EMBED, SCALE_HEAD = "scale", "scale_embed", "scale_head"
+HEAD_PATTERNS = (r"lm_head", r"output_layer")
+EMBED_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b")
+
+
+class SCALE(MatrixOptimizer):
+    GROUP_KEYS = (*MatrixOptimizer.GROUP_KEYS, "momentum")
+    MATRIX_KINDS = (SCALE_MATRIX, SCALE_EMBED, SCALE_HEAD)
+
+    def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, momentum: float = 0.9,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 head_patterns=HEAD_PATTERNS, embed_patterns=EMBED_PATTERNS, **unknown: Any):
+        if unknown:
+            hp.check_known_keys(f"{type(self).__name__}()", unknown,
+                                [*self.GROUP_KEYS, "head_patterns", "embed_patterns"])
+        self._head_re = [re.compile(p) for p in head_patterns]
+        self._embed_re = [re.compile(p) for p in embed_patterns]
+        defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, weight_decay=weight_decay,
+                        betas=tuple(betas), eps=eps, kind=None)
+        super().__init__(params, defaults, fallback_patterns=(r"(?!)",))  # nothing 2-D falls back by name
+
+    def classify(self, name, p):
+        if p.dim() < 2:
+            return ADAMW
+        if name is not None and any(r.search(name) for r in self._head_re):
+            return SCALE_HEAD
+        if name is not None and any(r.search(name) for r in self._embed_re):
+            return SCALE_EMBED
+        return SCALE_MATRIX
+
+    def _validate_extra(self, where: str, key: str, value: Any) -> None:
+        if key == "momentum":
+            hp.unit_interval(where, key, value)
+
+    def _momentum(self, t):
+        return self.state[t]["momentum_buffer"]
+
+    def _prepare_matrices(self, group):
+        if group["kind"] == SCALE_HEAD:  # normalised after the momentum update, in _apply_matrices
+            specs = self.matrix_specs(group)
+            return {"specs": specs, "nonfinite": self._local_nonfinite(p.grad for p in group["params"])}
+        schedule = ("col",) if group["kind"] == SCALE_EMBED else ("row",)
+        return prepare_normalized(self, group, schedule)
+
+    def _apply_matrices(self, group, plan):
+        step_size = group["lr"] * group["lr_scale"]
+        if group["kind"] != SCALE_HEAD:
+            apply_normalized(group, plan, step_size)
+            return
+        beta = group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["momentum_buffer"].lerp_(p.grad.to(p.dtype), 1.0 - beta)
+        group_plan = prepare_normalized(self, {**group, "params": [p for p in group["params"] if p.grad is not None]},
+                                        ("row",), direction=self._momentum)
+        apply_normalized(group, group_plan, step_size, direction=self._momentum)
+

@@ -1,0 +1,69 @@
+"""SinkGD (Scetbon et al., arXiv 2502.06742): SR-Sinkhorn-normalised gradient descent, no state.
+
+Defaults and where they come from (details in docs/defaults.md):
+  lr=0.02        global lr; AdamW groups use it as is (paper setup as reproduced by forgather,
+                 naubull2 and the SAGE baseline)
+  lr_scale=0.05  matrices step with lr * lr_scale = 1e-3 (same sources; RACS sibling paper, alpha 0.05)
+  sinkhorn_iters=5  L, the paper's value
+  weight_decay=0    the paper uses none; decoupled, scaled by each group's own step size
+  betas=(0.9, 0.999), eps=1e-8   AdamW fallback (torch defaults)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import hparams as hp
+from ..sinkhorn import apply_scaled_update_, normalize_scales
+from .base import ADAMW, MatrixOptimizer, grad_of, has_grad
+
+SINKGD = "sinkgd"
+
+
+def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, direction=grad_of) -> dict[str, Any]:
+    """Run the engine on every matrix of ``group`` with ``schedule``; shared by SinkGD and SCALE."""
+    specs = [s for s in opt.matrix_specs(group) if not s.is_local or has_grad(s)]
+    for s in specs:
+        if not has_grad(s):
+            raise RuntimeError(f"{opt._where}: sharded matrix {s.name!r} has no gradient on this rank")
+    scales = normalize_scales(specs, direction, schedule, opt.last_comm)
+    return {"specs": specs, "scales": scales, "nonfinite": not all(s.finite for s in scales)}
+
+
+def apply_normalized(group: dict[str, Any], plan: dict[str, Any], step_size: float, direction=grad_of) -> None:
+    for spec, sc in zip(plan["specs"], plan["scales"]):
+        apply_scaled_update_(spec, sc, direction, step_size, group["weight_decay"])
+
+
+class SinkGD(MatrixOptimizer):
+    """Stateless SinkGD for matrices, AdamW for vectors, embeddings and the LM head.
+
+    Each matrix gradient G (m x n) is alternately scaled so every row has l2 norm sqrt(n) and every
+    column sqrt(m), ``sinkhorn_iters`` times, then ``W -= lr * lr_scale * X``. Works unchanged on
+    sharded parameters once an integration registered their layout (``set_layout``).
+    """
+
+    GROUP_KEYS = (*MatrixOptimizer.GROUP_KEYS, "sinkhorn_iters")
+    MATRIX_KINDS = (SINKGD,)
+
+    def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, sinkhorn_iters: int = 5,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 fallback_patterns=None, **unknown: Any):
+        if unknown:
+            hp.check_known_keys(f"{type(self).__name__}()", unknown, [*self.GROUP_KEYS, "fallback_patterns"])
+        defaults = dict(lr=lr, lr_scale=lr_scale, sinkhorn_iters=sinkhorn_iters, weight_decay=weight_decay,
+                        betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
+        super().__init__(params, defaults, fallback_patterns)
+
+    def _validate_extra(self, where: str, key: str, value: Any) -> None:
+        if key == "sinkhorn_iters":
+            hp.int_at_least(where, key, value, 1)
+
+    def _prepare_matrices(self, group):
+        return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"])
+
+    def _apply_matrices(self, group, plan):
+        apply_normalized(group, plan, group["lr"] * group["lr_scale"])
+
+
+__all__ = ["SinkGD", "SINKGD", "ADAMW"]

@@ -1,0 +1,89 @@
+"""SWAN (Ma et al., arXiv 2412.13148): row standardisation, then whitening, no optimizer state.
+
+For each matrix gradient G (m x n):
+  G~ = (G - mean_row) / std_row             (GradNorm: per-row mean and std over the n inputs)
+  D  = (G~ G~^T)^(-1/2) G~                  (GradWhitening; on the smaller Gram side, fp32)
+  D *= sqrt(m n) / ||D||_F                  (entries of RMS 1, like SinkGD's output)
+  W -= lr * lr_scale * D
+(G G^T)^(-1/2) uses ``ns_steps`` coupled Newton-Schulz iterations on A / ||A||_F (SWAN's sibling
+paper, App. B.8: "typically ... only 5 steps"). Embeddings, LM head and 1-D params: AdamW.
+
+Whitening needs the whole matrix, so on sharded layouts SWAN (and only SWAN) assembles each
+matrix from its pieces over the shard group (one all-reduce of m*n floats per shared matrix); every
+rank then applies its own piece. Tensor-parallel slices are not supported for SWAN.
+
+Defaults: lr=0.02, lr_scale=0.05 (as SinkGD; the community SWAN ports use alpha 0.05), ns_steps=5,
+weight_decay=0, AdamW betas (0.9, 0.999), eps 1e-8.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .. import hparams as hp
+from ..sinkhorn import apply_dense_update_, gather_matrix
+from .base import MatrixOptimizer, grad_of, has_grad
+
+SWAN_KIND = "swan"
+
+
+def swan_direction(g: torch.Tensor, ns_steps: int) -> torch.Tensor:
+    """Standardise rows, whiten, rescale to RMS 1 (fp32 in, fp32 out)."""
+    m, n = g.shape
+    mean = g.mean(dim=1, keepdim=True)
+    centered = g - mean
+    std = centered.square().mean(dim=1, keepdim=True).sqrt()
+    gn = torch.where(std > 0, centered / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(g))
+    tall = m > n
+    x = gn.t() if tall else gn  # s x l with s <= l
+    a = x @ x.t()
+    norm = torch.linalg.matrix_norm(a)
+    if norm == 0:
+        return torch.zeros_like(g)
+    y = a / norm
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    z = eye.clone()
+    for _ in range(ns_steps):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y = y @ t
+        z = t @ z
+    d = z @ x
+    d = d.t() if tall else d
+    dn = torch.linalg.matrix_norm(d)
+    return d * (math.sqrt(m * n) / dn) if dn > 0 else torch.zeros_like(g)
+
+
+class SWAN(MatrixOptimizer):
+    GROUP_KEYS = (*MatrixOptimizer.GROUP_KEYS, "ns_steps")
+    MATRIX_KINDS = (SWAN_KIND,)
+
+    def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, ns_steps: int = 5,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 fallback_patterns=None, **unknown: Any):
+        if unknown:
+            hp.check_known_keys(f"{type(self).__name__}()", unknown, [*self.GROUP_KEYS, "fallback_patterns"])
+        defaults = dict(lr=lr, lr_scale=lr_scale, ns_steps=ns_steps, weight_decay=weight_decay,
+                        betas=tuple(betas), eps=eps, kind=None)
+        super().__init__(params, defaults, fallback_patterns)
+
+    def _validate_extra(self, where: str, key: str, value: Any) -> None:
+        if key == "ns_steps":
+            hp.int_at_least(where, key, value, 1)
+
+    def _prepare_matrices(self, group):
+        specs = [s for s in self.matrix_specs(group) if not s.is_local or has_grad(s)]
+        for s in specs:
+            if s.row_group is not None or s.col_group is not None:
+                raise NotImplementedError(f"SWAN: matrix {s.name!r} is split by tensor parallelism; SWAN's "
+                                          "whitening is only supported on data-parallel (ZeRO/DistOpt) layouts")
+        frags = (f.tensor.grad.view(-1)[f.offset:f.offset + f.numel] for s in specs for f in s.fragments)
+        return {"specs": specs, "nonfinite": self._local_nonfinite(frags)}
+
+    def _apply_matrices(self, group, plan):
+        for spec in plan["specs"]:
+            full = gather_matrix(spec, grad_of)
+            update = swan_direction(full, group["ns_steps"])
+            apply_dense_update_(spec, update, group["lr"] * group["lr_scale"], group["weight_decay"])
