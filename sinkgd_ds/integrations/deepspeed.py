@@ -1,0 +1,242 @@
+"""DeepSpeed integration: ``"optimizer": {"type": "SinkGD", ...}`` at ZeRO stages 0-3.
+
+What ``register()`` changes in DeepSpeed, and nothing else:
+  * ``torch.optim.SinkGD/SCALE/SWAN`` exist, so DeepSpeed's own config path builds them
+    (``_configure_basic_optimizer`` falls back to ``getattr(torch.optim, type)``);
+  * they join ``ZERO_SUPPORTED_OPTIMIZERS`` (no ``zero_allow_untested_optimizer`` needed);
+  * ``DeepSpeedEngine._do_sanity_check`` first resolves our names case-insensitively and turns an
+    unknown ``type`` into a ValueError that suggests the closest name;
+  * ``DeepSpeedEngine._configure_optimizer`` tags parameter names before the optimizer is built
+    (so embeddings / LM head route to AdamW) and, once DeepSpeed has wrapped it, describes the
+    ZeRO partitions to it (``describe_layout``) from DeepSpeed's own bookkeeping.
+If any of these DeepSpeed internals is missing, registration fails loudly with the version.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..layout import FlatMatrix, Fragment, MatrixSpec, flat_partition_specs
+from ..optim import ADAMW, SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_names
+
+log = logging.getLogger("sinkgd_ds")
+OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {"SinkGD": SinkGD, "SCALE": SCALE, "SWAN": SWAN}
+_REGISTERED = False
+
+
+class DeepSpeedIntegrationError(RuntimeError):
+    """DeepSpeed's internals are not what this integration was written against."""
+
+
+def canonical_name(name: str | None) -> str | None:
+    if not isinstance(name, str):
+        return None
+    for known in OPTIMIZERS:
+        if known.lower() == name.lower():
+            return known
+    return None
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return getattr(deepspeed, "__version__", "unknown")
+
+
+def _require(obj: Any, attr: str) -> Any:
+    if not hasattr(obj, attr):
+        raise DeepSpeedIntegrationError(
+            f"sinkgd_ds: DeepSpeed {_ds_version()} has no {getattr(obj, '__name__', type(obj).__name__)}.{attr}; "
+            "this integration is tested with deepspeed 0.19.8. Pin that version or report the new layout.")
+    return getattr(obj, attr)
+
+
+def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """A weight as the papers see it: (out, in); >2-D weights as (d0, rest)."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return (int(shape[0]), numel // int(shape[0]))
+
+
+# ---------------------------------------------------------------------- layouts from ZeRO bookkeeping
+def _group_of(group):
+    return group if dist.get_world_size(group=group) > 1 else None
+
+
+def zero12_specs(zero, inner: MatrixOptimizer) -> list[MatrixSpec]:
+    """ZeRO-1/2 (``DeepSpeedZeroOptimizer``): one flat fp32 partition per param group, cut anywhere."""
+    specs: list[MatrixSpec] = []
+    offsets_all = _require(zero, "round_robin_bit16_offsets")
+    for i, pg in enumerate(inner.param_groups):
+        if pg["kind"] == ADAMW:
+            continue
+        group = _require(zero, "real_dp_process_group")[i]
+        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        size = int(_require(zero, "partition_size")[i])
+        params = _require(zero, "round_robin_bit16_groups")[i]
+        metas = getattr(zero, "round_robin_bit16_meta", [params] * (i + 1))[i]
+        mats = [FlatMatrix(inner._names.get(id(p), f"group{i}.param{k}"), matrix_shape(meta.shape), int(off))
+                for k, (p, meta, off) in enumerate(zip(params, metas, offsets_all[i]))]
+        bounds = [(r * size, (r + 1) * size) for r in range(world)]
+        part = _require(zero, "single_partition_of_fp32_groups")[i]
+        specs += flat_partition_specs(mats, bounds, rank, part, _group_of(group))
+    return specs
+
+
+def bf16_specs(bf16, inner: MatrixOptimizer) -> list[MatrixSpec]:
+    """``BF16_Optimizer`` (bf16 + fp32 grad accumulation + stage 1): same cut, no per-param padding."""
+    specs: list[MatrixSpec] = []
+    for i, pg in enumerate(inner.param_groups):
+        if pg["kind"] == ADAMW:
+            continue
+        group = _require(bf16, "real_dp_process_group")[i]
+        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        flat = _require(bf16, "bf16_groups_flat")[i]
+        size = flat.numel() // world
+        mats, off = [], 0
+        for k, p in enumerate(_require(bf16, "bf16_groups")[i]):
+            mats.append(FlatMatrix(inner._names.get(id(p), f"group{i}.param{k}"), matrix_shape(p.shape), off))
+            off += p.numel()
+        bounds = [(r * size, (r + 1) * size) for r in range(world)]
+        part = _require(bf16, "fp32_groups_flat_partition")[i]
+        specs += flat_partition_specs(mats, bounds, rank, part, _group_of(group))
+    return specs
+
+
+def zero3_specs(z3, inner: MatrixOptimizer) -> list[MatrixSpec]:
+    """ZeRO-3: every parameter is cut on its own (rank r holds [r*ps, (r+1)*ps) of it); a sub-group's
+    pieces are concatenated into one flat fp32 tensor that the inner optimizer steps."""
+    specs: list[MatrixSpec] = []
+    flats = _require(z3, "fp32_partitioned_groups_flat")
+    for sg, params in enumerate(_require(z3, "fp16_groups")):
+        gid = _require(z3, "sub_group_to_group_id")[sg]
+        if inner.param_groups[gid]["kind"] == ADAMW:
+            continue
+        group = _require(z3, "sub_group_process_groups")[sg]
+        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        owner, off = flats[sg], 0
+        for p in params:
+            ps, numel = int(p.partition_numel()), int(p.ds_numel)
+            start = rank * ps
+            k = max(0, min(ps, numel - start))
+            shared = world > 1 and numel > ps
+            if k or shared:
+                frags = (Fragment(owner, off, start, k),) if k else ()
+                specs.append(MatrixSpec(inner._names.get(id(p), f"subgroup{sg}.ds{p.ds_id}"),
+                                        matrix_shape(p.ds_shape), frags, owner=owner,
+                                        shard_group=group if shared else None))
+            off += ps
+    return specs
+
+
+def describe_layout(wrapper: Any, inner: MatrixOptimizer) -> None:
+    """Give ``inner`` the layout of the partitions DeepSpeed's ``wrapper`` hands to its step()."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if wrapper is inner:
+        return  # stage 0, fp32: plain 2-D parameters, the dense default applies
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        inner.set_layout(zero3_specs(wrapper, inner))
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
+        if getattr(wrapper, "zenflow", False):
+            raise ValueError("sinkgd_ds: ZenFlow is not supported with SinkGD/SCALE/SWAN; remove "
+                             "zero_optimization.zenflow")
+        inner.set_layout(zero12_specs(wrapper, inner))
+    elif isinstance(wrapper, BF16_Optimizer):
+        inner.set_layout(bf16_specs(wrapper, inner))
+    # FP16_UnfusedOptimizer / FP16_Optimizer (stage 0, bf16 or fp16) step per-param fp32 copies of
+    # the original 2-D shapes: the dense default applies there too.
+
+
+# ---------------------------------------------------------------------- engine hooks
+def _check_config(engine) -> None:
+    """Reject combinations we cannot do exactly, before any partition is built."""
+    offload = engine.zero_offload_optimizer() if hasattr(engine, "zero_offload_optimizer") else None
+    device = getattr(offload, "device", None) if offload is not None else None
+    if device is not None and str(getattr(device, "value", device)) not in ("none", "None"):
+        raise ValueError(
+            f"sinkgd_ds: zero_optimization.offload_optimizer.device={getattr(device, 'value', device)!r} is not "
+            "supported with SinkGD/SCALE/SWAN (DeepSpeed's CPU offload path only runs its own CPU Adam/Lion "
+            "kernels). Allowed: \"none\". These optimizers keep no state for matrices, so offload saves little.")
+
+
+def _hook_sanity_check(orig):
+    @functools.wraps(orig)
+    def _do_sanity_check(self):
+        name = self._config.optimizer_name if self.client_optimizer is None else None
+        if name is not None:
+            canon = canonical_name(name)
+            if canon is not None:
+                self._config.optimizer_name = canon
+            elif not self._is_supported_optimizer(name):
+                from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+                names = [*OPTIMIZERS, *DEEPSPEED_OPTIMIZERS]
+                close = difflib.get_close_matches(name.lower(), [n.lower() for n in names], n=1, cutoff=0.5)
+                hint = ""
+                if close:
+                    hint = f" Did you mean {next(n for n in names if n.lower() == close[0])!r}?"
+                raise ValueError(f'DeepSpeed config "optimizer.type": {name!r} is not a known optimizer.{hint} '
+                                 f"sinkgd_ds provides {', '.join(OPTIMIZERS)}; DeepSpeed provides "
+                                 f"{', '.join(DEEPSPEED_OPTIMIZERS)} and torch.optim classes.")
+        return orig(self)
+
+    return _do_sanity_check
+
+
+def _hook_configure_optimizer(orig):
+    @functools.wraps(orig)
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        ours = isinstance(client_optimizer, MatrixOptimizer) or (
+            client_optimizer is None and canonical_name(self.optimizer_name()) is not None)
+        if ours or (client_optimizer is not None and not isinstance(client_optimizer, torch.optim.Optimizer)):
+            tag_parameter_names(self.module.named_parameters())
+        if ours:
+            _check_config(self)
+        orig(self, client_optimizer, model_parameters)
+        if isinstance(self.basic_optimizer, MatrixOptimizer):
+            _check_config(self)
+            describe_layout(self.optimizer, self.basic_optimizer)
+
+    return _configure_optimizer
+
+
+def register() -> None:
+    """Make DeepSpeed build our optimizers from its JSON config. Idempotent."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from deepspeed.runtime import engine as ds_engine
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    engine_cls = _require(ds_engine, "DeepSpeedEngine")
+    for attr in ("_do_sanity_check", "_configure_optimizer", "_is_supported_optimizer", "optimizer_name"):
+        _require(engine_cls, attr)
+    supported = _require(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS")
+    for name, cls in OPTIMIZERS.items():
+        setattr(torch.optim, name, cls)
+        if cls not in supported:
+            supported.append(cls)
+    engine_cls._do_sanity_check = _hook_sanity_check(engine_cls._do_sanity_check)
+    engine_cls._configure_optimizer = _hook_configure_optimizer(engine_cls._configure_optimizer)
+    _REGISTERED = True
+    log.debug("sinkgd_ds: registered %s with DeepSpeed %s", ", ".join(OPTIMIZERS), _ds_version())
+
+
+def register_if_available() -> bool:
+    import importlib.util
+    import os
+
+    if os.environ.get("SINKGD_DS_NO_DEEPSPEED") == "1" or importlib.util.find_spec("deepspeed") is None:
+        return False
+    register()
+    return True

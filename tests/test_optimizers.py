@@ -1,0 +1,232 @@
+"""Optimizer classes on plain tensors against the dense references (float64 math, torch AdamW)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sinkgd_ds import SCALE, SWAN, SinkGD
+
+from .reference import adamw_reference, col_rms_normalize, row_rms_normalize, sr_sinkhorn, swan
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=11, d=6, ff=9):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(vocab, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.up = torch.nn.Linear(d, ff)
+        self.down = torch.nn.Linear(ff, d, bias=False)
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+
+
+def random_grads(model, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()} for _ in range(steps)]
+
+
+def run(opt_cls, grads, **kw):
+    torch.manual_seed(0)
+    model = TinyLM()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = opt_cls(model.named_parameters(), **kw)
+    for step in grads:
+        for n, p in model.named_parameters():
+            p.grad = step[n].clone()
+        opt.step()
+    return model, opt, init
+
+
+def close(a, b, tol=1e-6):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12)) <= tol
+
+
+ADAM_NAMES = ("embed_tokens.weight", "norm.weight", "norm.bias", "up.bias", "lm_head.weight")
+
+
+def check_adamw_params(model, init, grads, lr, wd=0.0):
+    for n in ADAM_NAMES:
+        want = adamw_reference(init[n], [g[n] for g in grads], lr, (0.9, 0.999), 1e-8, wd)
+        assert close(dict(model.named_parameters())[n], want), n
+
+
+@pytest.mark.parametrize("iters", [1, 5])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_sinkgd_matches_reference(iters, wd):
+    grads = random_grads(TinyLM(), 3)
+    lr, scale = 0.02, 0.05
+    model, opt, init = run(SinkGD, grads, lr=lr, lr_scale=scale, sinkhorn_iters=iters, weight_decay=wd)
+    for n in ("up.weight", "down.weight"):
+        w = init[n].double()
+        for g in grads:
+            w = w * (1 - lr * scale * wd) - lr * scale * sr_sinkhorn(g[n], iters)
+        assert close(dict(model.named_parameters())[n], w), n
+    check_adamw_params(model, init, grads, lr, wd)
+    # matrices carry no optimizer state at all
+    assert not opt.state[model.up.weight] and not opt.state[model.down.weight]
+    assert set(opt.state[model.lm_head.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_scale_matches_reference():
+    grads = random_grads(TinyLM(), 3)
+    lr, scale, beta = 0.02, 0.05, 0.9
+    model, opt, init = run(SCALE, grads, lr=lr, lr_scale=scale, momentum=beta)
+    params = dict(model.named_parameters())
+    for n in ("up.weight", "down.weight"):
+        w = init[n].double() - sum(lr * scale * row_rms_normalize(g[n]) for g in grads)
+        assert close(params[n], w), n
+    w = init["embed_tokens.weight"].double() - sum(lr * scale * col_rms_normalize(g["embed_tokens.weight"])
+                                                   for g in grads)
+    assert close(params["embed_tokens.weight"], w)
+    w, mom = init["lm_head.weight"].double(), torch.zeros_like(init["lm_head.weight"], dtype=torch.float64)
+    for g in grads:
+        mom = beta * mom + (1 - beta) * g["lm_head.weight"].double()
+        w = w - lr * scale * row_rms_normalize(mom)
+    assert close(params["lm_head.weight"], w)
+    for n in ("norm.weight", "norm.bias", "up.bias"):
+        want = adamw_reference(init[n], [g[n] for g in grads], lr, (0.9, 0.999), 1e-8, 0.0)
+        assert close(params[n], want), n
+    assert not opt.state[model.up.weight] and set(opt.state[model.lm_head.weight]) == {"momentum_buffer"}
+
+
+@pytest.mark.parametrize("ns_steps", [1, 5, 10])
+def test_swan_matches_reference(ns_steps):
+    grads = random_grads(TinyLM(), 2)
+    lr, scale = 0.02, 0.05
+    model, opt, init = run(SWAN, grads, lr=lr, lr_scale=scale, ns_steps=ns_steps)
+    for n in ("up.weight", "down.weight"):  # (9, 6) tall and (6, 9) wide
+        w = init[n].double() - sum(lr * scale * swan(g[n], ns_steps) for g in grads)
+        assert close(dict(model.named_parameters())[n], w, 1e-5), n
+    check_adamw_params(model, init, grads, lr)
+    assert not opt.state[model.up.weight]
+
+
+def test_zero_gradients_give_zero_finite_update():
+    model = TinyLM()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = SinkGD(model.named_parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all()
+        if n in ("up.weight", "down.weight"):
+            assert torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("cls", [SinkGD, SCALE, SWAN])
+@pytest.mark.parametrize("where", ["up.weight", "norm.weight", "lm_head.weight", "embed_tokens.weight"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_skips_whole_step(cls, where, bad):
+    model = TinyLM()
+    opt = cls(model.named_parameters())
+    grads = random_grads(model, 2)
+    for n, p in model.named_parameters():  # one good step so AdamW/momentum state exists
+        p.grad = grads[0][n].clone()
+    opt.step()
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {k: {s: v.clone() for s, v in st.items()} for k, st in opt.state.items()}
+    for n, p in model.named_parameters():
+        p.grad = grads[1][n].clone()
+    dict(model.named_parameters())[where].grad.view(-1)[3] = bad
+    opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, snapshot[n]), n
+    for k, st in opt.state.items():
+        for s, v in st.items():
+            assert torch.equal(v, state[k][s])
+    dict(model.named_parameters())[where].grad.view(-1)[3] = 0.0
+    opt.step()
+    assert not opt.last_step_skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_schedulers_absolute_and_multiplicative():
+    grads = random_grads(TinyLM(), 2)
+    torch.manual_seed(0)
+    model = TinyLM()
+    w0 = model.up.weight.detach().clone()
+    opt = SinkGD(model.named_parameters(), lr=0.02, lr_scale=0.05, sinkhorn_iters=2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)  # multiplicative
+    lrs = []
+    for g in grads:
+        lrs.append(opt.param_groups[0]["lr"])
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+        opt.step()
+        sched.step()
+    assert lrs == [0.02, 0.01]
+    want = w0.double() - sum(lr * 0.05 * sr_sinkhorn(g["up.weight"], 2) for lr, g in zip(lrs, grads))
+    assert close(model.up.weight, want)
+    for group in opt.param_groups:  # absolute: set every group's lr
+        group["lr"] = 0.1
+    model.up.weight.grad = grads[0]["up.weight"].clone()
+    w1 = model.up.weight.detach().clone()
+    opt.step()
+    assert close(model.up.weight, w1.double() - 0.1 * 0.05 * sr_sinkhorn(grads[0]["up.weight"], 2))
+
+
+def test_routing_rules():
+    model = TinyLM()
+    opt = SinkGD(model.named_parameters())
+    kinds = {id(p): g["kind"] for g in opt.param_groups for p in g["params"]}
+    assert kinds[id(model.up.weight)] == kinds[id(model.down.weight)] == "sinkgd"
+    for p in (model.embed_tokens.weight, model.lm_head.weight, model.norm.weight, model.up.bias):
+        assert kinds[id(p)] == "adamw"
+    # explicit groups with per-group overrides and a forced kind
+    opt = SinkGD([{"params": [model.up.weight], "sinkhorn_iters": 2, "kind": "adamw"},
+                  {"params": [model.down.weight], "lr": 0.5}], lr=0.1)
+    assert [(g["kind"], g["sinkhorn_iters"], g["lr"]) for g in opt.param_groups] == [
+        ("adamw", 2, 0.1), ("sinkgd", 5, 0.5)]
+    scale = SCALE(model.named_parameters())
+    kinds = {id(p): g["kind"] for g in scale.param_groups for p in g["params"]}
+    assert kinds[id(model.lm_head.weight)] == "scale_head" and kinds[id(model.embed_tokens.weight)] == "scale_embed"
+
+
+BAD = [
+    (dict(lr=-1.0), "lr=-1.0"),
+    (dict(lr="0.1"), "lr='0.1'"),
+    (dict(lr=math.nan), "lr=nan"),
+    (dict(lr_scale=0), "lr_scale=0"),
+    (dict(sinkhorn_iters=0), "sinkhorn_iters=0"),
+    (dict(sinkhorn_iters=2.5), "sinkhorn_iters=2.5"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+    (dict(betas=(0.9, 1.0)), "betas[1]=1.0"),
+    (dict(betas=0.9), "betas=0.9"),
+    (dict(eps=0), "eps=0"),
+    (dict(sinkhorn_iter=5), "'sinkhorn_iter'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,needle", BAD)
+def test_bad_hyperparameters_name_key_and_value(kwargs, needle):
+    with pytest.raises(ValueError) as e:
+        SinkGD(TinyLM().named_parameters(), **kwargs)
+    assert needle in str(e.value)
+    assert "allowed" in str(e.value).lower() or "must" in str(e.value)
+
+
+def test_bad_group_keys_and_kinds():
+    m = TinyLM()
+    with pytest.raises(ValueError, match=r"unknown key 'sinkhorn_iter'.*Did you mean 'sinkhorn_iters'"):
+        SinkGD([{"params": [m.up.weight], "sinkhorn_iter": 3}])
+    with pytest.raises(ValueError, match="kind='muon'"):
+        SinkGD([{"params": [m.up.weight], "kind": "muon"}])
+    with pytest.raises(ValueError, match="momentum=1.5"):
+        SCALE(m.named_parameters(), momentum=1.5)
+    with pytest.raises(ValueError, match="ns_steps=0"):
+        SWAN(m.named_parameters(), ns_steps=0)
+    with pytest.raises(ValueError, match="empty"):
+        SinkGD([])
+
+
+def test_flat_tensor_without_layout_fails_loudly():
+    flat = torch.zeros(10, requires_grad=True)
+    opt = SinkGD([{"params": [flat], "kind": "sinkgd"}])
+    flat.grad = torch.ones(10)
+    with pytest.raises(RuntimeError, match="no layout"):
+        opt.step()
