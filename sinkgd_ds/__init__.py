@@ -11,8 +11,8 @@ from .sinkhorn import apply_scaled_update_, normalize_scales
 __version__ = "0.1.0"
 OPTIMIZERS = {"SinkGD": SinkGD, "SCALE": SCALE, "SWAN": SWAN}
 
-__all__ = ["ADAMW", "DEEPSPEED_REGISTERED", "Fragment", "MatrixOptimizer", "MatrixSpec", "OPTIMIZERS", "RowBlocks", "SCALE", "SWAN",
-           "SinkGD", "apply_scaled_update_", "dense_spec", "normalize_scales", "tag_parameter_names"]
+__all__ = ["ADAMW", "DEEPSPEED_REGISTERED", "Fragment", "MatrixOptimizer", "MatrixSpec", "OPTIMIZERS", "RowBlocks",
+           "SCALE", "SWAN", "SinkGD", "apply_scaled_update_", "dense_spec", "normalize_scales", "tag_parameter_names"]
 
 from .integrations import deepspeed as _deepspeed_integration  # noqa: E402
 

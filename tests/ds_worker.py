@@ -113,7 +113,8 @@ def train(cfg: dict, steps: int = 3, poison_step: int | None = None) -> dict:
         else:
             weights[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().clone()
     module_weights = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    out = dict(weights=weights, module_weights=module_weights, losses=losses, lrs=lrs, comm=comm, kinds=[g["kind"] for g in inner.param_groups],
+    out = dict(weights=weights, module_weights=module_weights, losses=losses, lrs=lrs, comm=comm,
+               kinds=[g["kind"] for g in inner.param_groups],
                inner=type(inner).__name__, wrapper=type(engine.optimizer).__name__, skipped=skipped,
                snaps=out_snaps, group_lrs=[g["lr"] for g in inner.param_groups])
     engine.destroy() if hasattr(engine, "destroy") else None

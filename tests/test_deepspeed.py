@@ -89,7 +89,7 @@ def check_against_reference(r, opt, *, bf16=False, hp=None, gas=1, clip=0.0, wor
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_exact_against_dense_reference(runs, world):
     results = runs[world][0]
-    for key, cfg, _ in plan(world):
+    for key, _cfg, _ in plan(world):
         opt, stage, dtype = key.split("-") if key.count("-") == 2 and key.split("-")[0] in OPTS else (None,) * 3
         if opt is None:
             continue
