@@ -93,7 +93,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 if pname is not None:
                     self._names[id(p)] = pname
                 kind = g.get("kind") or self.classify(pname, p)
-                if kind != ADAMW and pname is None and p.dim() >= 2:
+                if not g.get("kind") and kind != ADAMW and pname is None and p.dim() >= 2:
                     unnamed_matrices += 1
                 by_kind.setdefault(kind, []).append(p)
             for kind, ps in by_kind.items():
