@@ -32,18 +32,11 @@ def llama_matrices(layers: int) -> list[torch.Tensor]:
     return ps
 
 
-def rss_hwm_kib() -> int:
+def status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB, -1 where absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1])
-    return -1
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return -1
 
@@ -86,12 +79,12 @@ def main() -> None:
     for _ in range(args.reps):  # interleaved, so machine noise hits every optimizer alike
         for n in names:
             gc.collect()
-            base = rss_kib()
+            base = status_kib("VmRSS")
             reset_hwm()
             t = time.perf_counter()
             opts[n].step()
             best[n] = min(best[n], time.perf_counter() - t)
-            transient[n] = max(transient[n], rss_hwm_kib() - base)
+            transient[n] = max(transient[n], status_kib("VmHWM") - base)
     ref = best["adamw_fused"]
     print(f"{numel / 1e6:.1f}M params in {len(params[names[0]])} LLaMA-60M-shaped matrices, "
           f"{args.threads} threads, min of {args.reps}")

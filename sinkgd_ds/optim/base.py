@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .. import hparams as hp
 from ..layout import MatrixSpec, dense_spec
-from ..sinkhorn import CommStats
+from ..sinkhorn import CommStats, all_reduce_sum
 
 log = logging.getLogger("sinkgd_ds")
 
@@ -197,10 +197,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _agree(self, bad: bool) -> bool:
         if self._consensus_group is None or not dist.is_initialized():
             return bad
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(
-            self._consensus_group) == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1.0 if bad else 0.0], device=dev)
-        dist.all_reduce(flag, group=self._consensus_group)
+        flag = torch.tensor([1.0 if bad else 0.0])
+        all_reduce_sum(flag, self._consensus_group)
         return bool(flag.item() > 0)
 
     @torch.no_grad()
