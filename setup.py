@@ -18,7 +18,7 @@ setup(
     description="Sharded, stateless SinkGD / SCALE / SWAN optimizers for DeepSpeed ZeRO and Megatron-Core",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["sinkgd_ds", "sinkgd_ds.*"]),
+    packages=find_packages(include=["sinkgd_ds", "sinkgd_ds.*", "megatron_patch", "megatron_patch.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require=EXTRAS,

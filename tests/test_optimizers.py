@@ -89,7 +89,7 @@ def test_scale_matches_reference():
     for n in ("norm.weight", "norm.bias", "up.bias"):
         want = adamw_reference(init[n], [g[n] for g in grads], lr, (0.9, 0.999), 1e-8, 0.0)
         assert close(params[n], want), n
-    assert not opt.state[model.up.weight] and set(opt.state[model.lm_head.weight]) == {"momentum_buffer"}
+    assert not opt.state[model.up.weight] and set(opt.state[model.lm_head.weight]) == {"exp_avg"}
 
 
 @pytest.mark.parametrize("ns_steps", [1, 5, 10])

@@ -28,6 +28,9 @@ from .sinkgd import apply_normalized, prepare_normalized
 SCALE_MATRIX, SCALE_EMBED, SCALE_HEAD = "scale", "scale_embed", "scale_head"
 HEAD_PATTERNS = (r"lm_head", r"output_layer")
 EMBED_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b")
+# The head momentum m = beta m + (1 - beta) g is Adam's first moment, so it carries Adam's key name:
+# DeepSpeed's universal-checkpoint tools only carry the state keys "exp_avg", "exp_avg_sq", "step".
+HEAD_STATE = "exp_avg"
 
 
 class SCALE(MatrixOptimizer):
@@ -60,7 +63,7 @@ class SCALE(MatrixOptimizer):
             hp.unit_interval(where, key, value)
 
     def _momentum(self, t):
-        return self.state[t]["momentum_buffer"]
+        return self.state[t][HEAD_STATE]
 
     def _prepare_matrices(self, group):
         if group["kind"] == SCALE_HEAD:  # normalised after the momentum update, in _apply_matrices
@@ -79,9 +82,9 @@ class SCALE(MatrixOptimizer):
             if p.grad is None:
                 continue
             st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["momentum_buffer"].lerp_(p.grad.to(p.dtype), 1.0 - beta)
+            if HEAD_STATE not in st:
+                st[HEAD_STATE] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st[HEAD_STATE].lerp_(p.grad.to(p.dtype), 1.0 - beta)
         group_plan = prepare_normalized(self, {**group, "params": [p for p in group["params"] if p.grad is not None]},
                                         ("row",), direction=self._momentum)
         apply_normalized(group, group_plan, step_size, direction=self._momentum)
