@@ -19,11 +19,15 @@ def _matrix_update(opt: str, g: torch.Tensor, name: str, hp: dict, mom: dict) ->
 
 
 def reference_run(opt: str, hp: dict, data: list[torch.Tensor], lrs: list[float], clip: float = 0.0,
-                  gas: int = 1, bf16: bool = False) -> dict[str, torch.Tensor]:
+                  gas: int = 1, bf16: bool = False, zero_grad_init_step: bool = False) -> dict[str, torch.Tensor]:
     """Train make_model() on the full batches; returns final fp32 master weights (float64).
 
     ``bf16``: mixed precision as DeepSpeed does it: fp32 master weights start from the bf16-rounded
     model, forward/backward run on a bf16 copy, updates are applied to the masters.
+
+    ``zero_grad_init_step``: DeepSpeed's stage-0 mixed-precision wrapper (FP16_UnfusedOptimizer) runs one
+    optimizer step on all-zero gradients at construction to create the optimizer state, for any
+    optimizer: AdamW's step count then starts at 1 (moments 0); the matrix updates of zero gradients are 0.
     """
     model = make_model()
     if bf16:
@@ -40,6 +44,11 @@ def reference_run(opt: str, hp: dict, data: list[torch.Tensor], lrs: list[float]
     adam = torch.optim.AdamW([params[n] for n in adam_names], lr=lrs[0], betas=(0.9, 0.999), eps=1e-8,
                              weight_decay=0.0, foreach=False)
     head_m = torch.zeros_like(params["lm_head.weight"], dtype=torch.float64)
+    if zero_grad_init_step:
+        for n in adam_names:
+            params[n].grad = torch.zeros_like(params[n])
+        adam.step()
+        model.zero_grad()
     for step, lr in enumerate(lrs):
         model.zero_grad()
         if bf16:
