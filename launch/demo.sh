@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# make demo: a 2-process CPU SinkGD run (ZeRO-2) under the deepspeed launcher.
+# make demo: LLaMA-tiny on the embedded Shakespeare corpus, SinkGD, ZeRO-2, 2 CPU ranks, deepspeed launcher.
+# A fresh run each time in runs/demo (checkpoints, logs/, loss.png, summary.json); extra args go to pretrain.py.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore::FutureWarning
-exec .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29517}" launch/train_tiny.py \
-  --deepspeed_config configs/zero2_sinkgd.json "$@"
+exec bash "$(dirname "$0")/run_deepspeed.sh" --deepspeed_config configs/zero2_sinkgd.json --model tiny \
+  --out runs/demo --overwrite "$@"

@@ -1,0 +1,1 @@
+"""The pretraining entry (``launch/pretrain.py``) and its helper modules; see docs/main_job.md."""

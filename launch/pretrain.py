@@ -1,0 +1,110 @@
+"""LLaMA pretraining with SinkGD / SCALE / SWAN (or AdamW) on a DeepSpeed engine.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/zero2_sinkgd.json --model tiny
+    torchrun --nproc_per_node 2 launch/pretrain.py --deepspeed_config configs/zero2_sinkgd.json
+    mpirun -np 2 python launch/pretrain.py --deepspeed_config configs/zero2_sinkgd.json
+
+Model size, steps, batch, schedule and data come from configs/models/<model>.json plus overrides
+(--steps, --data, --set section.key=value); the optimizer and ZeRO stage from the DeepSpeed JSON.
+Config and data problems are reported before any process group starts. See docs/main_job.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `launch` importable
+
+from launch.config import ROOT, ConfigError, load_run_config, resolve_ds_config, world_size_from_env  # noqa: E402
+from launch.corpus import DataError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deepspeed_config", default=str(ROOT / "configs" / "zero2_sinkgd.json"),
+                    help="DeepSpeed JSON: optimizer, ZeRO stage, precision, monitor (default: %(default)s)")
+    ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b (configs/models) or a JSON path")
+    ap.add_argument("--data", default=None, help="shakespeare (default) | FILE[,FILE|DIR] | hf:DIR[:SPLIT] | "
+                    "megatron:PREFIX (sets data.source)")
+    ap.add_argument("--steps", type=int, default=None, help="sets train.steps")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override any run-config key, e.g. --set train.batch_size=32 (repeatable)")
+    ap.add_argument("--micro_batch", type=int, default=None, help="sets train_micro_batch_size_per_gpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights/activations (the papers' precision; GPU)")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<model>-<optimizer>-zero<stage>)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--overwrite", action="store_true", help="delete --out first (a fresh run in the same place)")
+    ap.add_argument("--stop_at_step", type=int, default=None,
+                    help="behave as if SIGTERM arrived after this step (checkpoint + exit); for tests")
+    ap.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
+    ap.add_argument("--summary_json", default=None, help="also write the summary here (default <out>/summary.json)")
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return ap.parse_args(argv)
+
+
+def map_mpi_env() -> None:
+    """Under plain mpirun: torch.distributed env from Open MPI's, on loopback (DeepSpeed's own MPI discovery
+    picks `hostname -I`, which is not always reachable)."""
+    if "OMPI_COMM_WORLD_RANK" in os.environ and "RANK" not in os.environ:
+        os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
+                          LOCAL_RANK=os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that can fail on bad input, before any process group starts."""
+    from launch import runstate
+    from launch.data import check_lengths, load_tokens
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.data is not None:
+        overrides.append(f"data.source={args.data}")
+    run = load_run_config(args.model, overrides)
+    ds_path = Path(args.deepspeed_config)
+    world = world_size_from_env()
+    model_name = Path(args.model).stem
+    out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-{ds_path.stem}"
+    ds = resolve_ds_config(ds_path, run, out, args.micro_batch, args.bf16, world)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one")
+    if args.overwrite and os.environ.get("LOCAL_RANK", "0") == "0":
+        shutil.rmtree(out, ignore_errors=True)
+    elif not args.resume and not args.overwrite and runstate.has_checkpoint(out):
+        raise ConfigError(f"{out} already holds a run (checkpoints/latest); pass --resume to continue it, "
+                          "--overwrite to start over there, or another --out")
+    if args.resume and not runstate.has_checkpoint(out):
+        raise ConfigError(f"--resume: no checkpoint in {runstate.checkpoint_dir(out)} (expected a 'latest' file); "
+                          "run without --resume first, or point --out at the run directory")
+    if args.stop_at_step is not None and not 0 < args.stop_at_step <= run["train"]["steps"]:
+        raise ConfigError(f"--stop_at_step={args.stop_at_step} must be in [1, train.steps={run['train']['steps']}]")
+    d = run["data"]
+    data = load_tokens(d["source"], d["vocab_size"], d["val_fraction"], d["tokenizer"], d["text_column"])
+    check_lengths(data, run["train"]["seq_len"], run["eval"]["sequences"] if run["eval"]["every"] else 0)
+    return {"run": run, "ds": ds, "data": data, "out": out, "world": world, "model_name": model_name,
+            "ds_name": ds_path.name}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    map_mpi_env()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        plan = prepare(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    from launch.trainer import train
+
+    return train(plan, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

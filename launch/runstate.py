@@ -1,0 +1,70 @@
+"""Stopping cleanly and resuming exactly: signal flag, checkpoint save/load, pruning old checkpoints.
+
+A signal only sets a flag; the ranks agree on it at the next step boundary (one all-reduce they
+already do), save a checkpoint together and exit 0. Every launcher gives ranks time for that:
+the deepspeed launcher SIGTERMs its ranks and waits 30 s, torchrun does the same.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STOP = {"signal": None}
+
+
+def install_signal_handlers() -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        if STOP["signal"] is None:
+            STOP["signal"] = signal.Signals(signum).name
+            print(f"[rank {dist.get_rank() if dist.is_initialized() else '?'}] got {STOP['signal']}: saving a "
+                  "checkpoint after this step, then exiting", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_requested() -> bool:
+    return STOP["signal"] is not None
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    return (checkpoint_dir(out_dir) / "latest").is_file()
+
+
+def save(engine: Any, out_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank writes its ZeRO partition; rank 0 then prunes all but the ``keep`` newest tags."""
+    ckpt = checkpoint_dir(out_dir)
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client_state)
+    dist.barrier()
+    if dist.get_rank() == 0 and keep > 0:
+        tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return ckpt / tag
+
+
+def load(engine: Any, out_dir: Path) -> dict[str, Any]:
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)))
+    if path is None or client_state is None:
+        raise RuntimeError(f"--resume: could not load a checkpoint from {checkpoint_dir(out_dir)}")
+    return client_state
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """One small all-reduce for everything the ranks must agree on each step (loss, stop flag)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
