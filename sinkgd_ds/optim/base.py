@@ -27,6 +27,7 @@ ADAMW = "adamw"
 # token/position embeddings and the LM head. 1-D parameters (norms, biases) always do.
 DEFAULT_FALLBACK_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"output_layer")
 NAME_ATTR = "_sinkgd_name"  # integrations tag parameters with their module name here
+LAYOUT_KEY = "layout_id"  # param-group key naming a group-level layout (set_layout(group_specs=...))
 
 
 def tag_parameter_names(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -50,6 +51,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._fallback_re = [re.compile(p) for p in (fallback_patterns or DEFAULT_FALLBACK_PATTERNS)]
         self._names: dict[int, str] = {}
         self._layouts: dict[int, list[MatrixSpec]] = {}
+        self._group_layouts: dict[int, list[MatrixSpec]] = {}
         self._consensus_group = None
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -127,19 +129,30 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """Subclass hook for its own keys."""
 
     # ------------------------------------------------------------------ layouts
-    def set_layout(self, specs: Iterable[MatrixSpec], consensus_group: object | None = None) -> None:
+    def set_layout(self, specs: Iterable[MatrixSpec], consensus_group: object | None = None,
+                   group_specs: dict[int, Sequence[MatrixSpec]] | None = None) -> None:
         """Describe the pieces this rank's inner tensors hold (called by integrations).
 
         Replaces the dense default for every owner tensor named by the specs. ``consensus_group``:
         ranks that must agree on skipping a step with non-finite gradients (one 1-element
         all-reduce per step; the normalisation statistics themselves are not affected).
+        ``group_specs``: param-group index -> the complete, rank-independent list of that group's
+        matrices. Needed where a rank may hold no tensor of a group yet must join its collectives
+        (Megatron's distributed optimizer); the index is stored in the group under LAYOUT_KEY so it
+        survives ``load_state_dict`` and ``{**group}`` copies.
         """
         self._layouts = {}
         for spec in specs:
             self._layouts.setdefault(id(spec.owner), []).append(spec)
+        self._group_layouts = {}
+        for idx, gspecs in (group_specs or {}).items():
+            self.param_groups[idx][LAYOUT_KEY] = idx
+            self._group_layouts[idx] = list(gspecs)
         self._consensus_group = consensus_group
 
     def matrix_specs(self, group: dict[str, Any]) -> list[MatrixSpec]:
+        if group.get(LAYOUT_KEY) in self._group_layouts:
+            return list(self._group_layouts[group[LAYOUT_KEY]])
         specs: list[MatrixSpec] = []
         for p in group["params"]:
             if id(p) in self._layouts:

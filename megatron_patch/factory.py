@@ -1,0 +1,159 @@
+"""Building our optimizer where megatron-core builds its inner torch optimizer.
+
+``megatron.core.optimizer.get_megatron_optimizer`` makes param groups and buffers per model-chunk
+group, then calls ``_get_megatron_optimizer_based_on_param_groups``, which only knows adam/sgd. We
+wrap that one function: for our names we construct SinkGD / SCALE / SWAN from the same param
+groups, wrap it exactly as Megatron would (DistributedOptimizer, Float16OptimizerWithFloat16Params
+or FP32Optimizer; our subclasses only adapt checkpointing to a stateless optimizer) and describe
+the layout (``sinkgd_ds.integrations.megatron``). Every other name goes to Megatron unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch.distributed as dist
+
+from sinkgd_ds.integrations.megatron import describe_layout, require
+from sinkgd_ds.optim import SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_names
+
+from .config import OURS
+from .wrappers import SinkDistributedOptimizer, SinkFloat16Optimizer, SinkFP32Optimizer, init_state
+
+MEGATRON_NAMES = ("adam", "sgd")
+# Megatron's per-group bookkeeping keys, kept on our routed groups for its LR scheduler and checkpoints.
+_MEGATRON_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr", "max_lr", "min_lr",
+                        "default_config")
+
+
+def is_ours(config: Any) -> bool:
+    return str(getattr(config, "optimizer", "")).lower() in OURS
+
+
+def check_name(config: Any) -> None:
+    """An unknown ``config.optimizer`` fails here, with the closest known name."""
+    name = str(getattr(config, "optimizer", ""))
+    known = (*MEGATRON_NAMES, *OURS)
+    if name.lower() in known:
+        return
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"optimizer={name!r} is not supported.{hint} megatron-core provides {', '.join(MEGATRON_NAMES)};"
+                     f" megatron_patch adds {', '.join(OURS)}.")
+
+
+def check_config(config: Any, param_groups: list[dict], model_chunks: list) -> None:
+    """Reject combinations we do not handle, before anything is built."""
+    name = config.optimizer.lower()
+    bad = []
+    if config.fp16:
+        bad.append("fp16 (dynamic loss scaling is untested with these optimizers; use bf16)")
+    if getattr(config, "optimizer_cpu_offload", False):
+        bad.append("optimizer_cpu_offload (HybridDeviceOptimizer only runs Adam/SGD)")
+    if getattr(config, "use_precision_aware_optimizer", False):
+        bad.append("use_precision_aware_optimizer (TransformerEngine FusedAdam feature)")
+    if getattr(config, "use_layer_wise_distributed_optimizer", False):
+        bad.append("use_layer_wise_distributed_optimizer (use use_distributed_optimizer: shards are exact here)")
+    if any(g.get("is_expert_parallel") for g in param_groups):
+        bad.append("expert (MoE) parameters (their expert-TP/DP groups are not described yet)")
+    if model_chunks and getattr(model_chunks[0].ddp_config, "use_megatron_fsdp", False):
+        bad.append("Megatron-FSDP")
+    if not getattr(config, "decoupled_weight_decay", True) and config.weight_decay:
+        bad.append("decoupled_weight_decay=False with weight_decay > 0 (weight decay here is always decoupled)")
+    if name == "swan" and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            bad.append("SWAN with tensor parallelism (whitening needs whole matrices; use sinkgd or scale)")
+    if bad:
+        raise ValueError(f"megatron_patch: optimizer={config.optimizer!r} does not support: " + "; ".join(bad))
+
+
+def build_inner(config: Any, param_groups: list[dict]) -> MatrixOptimizer:
+    """Our optimizer over Megatron's param groups, with Megatron's group keys carried over."""
+    name = config.optimizer.lower()
+    common = dict(lr=config.lr if config.lr is not None else 0.0, weight_decay=config.weight_decay,
+                  lr_scale=getattr(config, "sinkgd_lr_scale", 0.05),
+                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    groups = [{"params": g["params"]} for g in param_groups if g["params"]]
+    if name == "sinkgd":
+        inner: MatrixOptimizer = SinkGD(groups, sinkhorn_iters=getattr(config, "sinkgd_iters", 5), **common)
+    elif name == "scale":
+        inner = SCALE(groups, momentum=getattr(config, "scale_momentum", 0.9), **common)
+    else:
+        inner = SWAN(groups, ns_steps=getattr(config, "swan_ns_steps", 5), **common)
+    source = {id(p): g for g in param_groups for p in g["params"]}
+    for group in inner.param_groups:
+        src = source[id(group["params"][0])]
+        group.update({k: src[k] for k in _MEGATRON_GROUP_KEYS if k in src})
+    return inner
+
+
+def build(orig, config: Any, model_chunks: list, param_groups: list[dict], per_model_buffers=None,
+          model_parallel_group=None, data_parallel_group=None, data_parallel_group_gloo=None,
+          data_parallel_group_idx=None, intra_dist_opt_group=None, distributed_optimizer_instance_id=0,
+          pg_collection=None, **extra: Any):
+    """Drop-in for ``_get_megatron_optimizer_based_on_param_groups`` (``orig``) that knows our names."""
+    if not is_ours(config):
+        check_name(config)
+        return orig(config, model_chunks, param_groups, per_model_buffers=per_model_buffers,
+                    model_parallel_group=model_parallel_group, data_parallel_group=data_parallel_group,
+                    data_parallel_group_gloo=data_parallel_group_gloo, data_parallel_group_idx=data_parallel_group_idx,
+                    intra_dist_opt_group=intra_dist_opt_group,
+                    distributed_optimizer_instance_id=distributed_optimizer_instance_id,
+                    pg_collection=pg_collection, **extra)
+    check_config(config, param_groups, model_chunks)
+    for chunk in model_chunks:
+        tag_parameter_names(chunk.named_parameters())
+    from megatron.core import parallel_state
+
+    tp_group = pg_collection.tp if pg_collection is not None and hasattr(pg_collection, "tp") else \
+        parallel_state.get_tensor_model_parallel_group()
+    model_config = getattr(model_chunks[0], "config", None) if model_chunks else None
+    split = bool(getattr(config, "sinkgd_split_fused", True))
+    if not any(g["params"] for g in param_groups):
+        return orig(config, model_chunks, param_groups, per_model_buffers=per_model_buffers,
+                    model_parallel_group=model_parallel_group, data_parallel_group=data_parallel_group,
+                    data_parallel_group_gloo=data_parallel_group_gloo, data_parallel_group_idx=data_parallel_group_idx,
+                    intra_dist_opt_group=intra_dist_opt_group,
+                    distributed_optimizer_instance_id=distributed_optimizer_instance_id, pg_collection=pg_collection)
+    inner = build_inner(config, param_groups)
+    members = [list(g["params"]) for g in inner.param_groups]
+    if config.use_distributed_optimizer:
+        wrapper = SinkDistributedOptimizer(
+            inner, config, None, init_state, model_chunks=model_chunks, per_model_buffers=per_model_buffers,
+            data_parallel_group=data_parallel_group, data_parallel_group_gloo=data_parallel_group_gloo,
+            data_parallel_group_idx=data_parallel_group_idx,
+            distributed_optimizer_instance_id=distributed_optimizer_instance_id)
+        wrapper.grad_stats_parallel_group = intra_dist_opt_group
+    elif config.bf16:
+        wrapper = SinkFloat16Optimizer(inner, config, None, init_state)
+        wrapper.grad_stats_parallel_group = model_parallel_group
+    else:
+        wrapper = SinkFP32Optimizer(inner, config, init_state)
+        wrapper.grad_stats_parallel_group = model_parallel_group
+    wrapper.tp_group = tp_group
+    world = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    describe_layout(wrapper, inner, tp_group=tp_group, model_config=model_config, group_members=members,
+                    split_fused=split, consensus_group=world)
+    return wrapper
+
+
+def patch_core() -> None:
+    """Route ``get_megatron_optimizer`` through :func:`build`. Idempotent."""
+    import megatron.core.optimizer as mco
+
+    orig = require(mco, "_get_megatron_optimizer_based_on_param_groups")
+    if getattr(orig, "_sinkgd_patched", False):
+        return
+
+    def _get_megatron_optimizer_based_on_param_groups(config, model_chunks, param_groups, *args, **kwargs):
+        if args:
+            raise TypeError("megatron_patch: expected keyword arguments after param_groups (megatron-core "
+                            "0.16.1 calls it that way)")
+        return build(orig, config, model_chunks, param_groups, **kwargs)
+
+    _get_megatron_optimizer_based_on_param_groups._sinkgd_patched = True  # type: ignore[attr-defined]
+    _get_megatron_optimizer_based_on_param_groups.__wrapped__ = orig  # type: ignore[attr-defined]
+    mco._get_megatron_optimizer_based_on_param_groups = _get_megatron_optimizer_based_on_param_groups
