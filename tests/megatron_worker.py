@@ -111,7 +111,7 @@ def reference(full: dict[str, torch.Tensor], steps: int, split: bool = True, opt
 
     sinkgd: SR-Sinkhorn per Q/K/V and gate/up block (``split``) on hidden matrices; scale: rows to
     RMS 1 on hidden matrices, embedding columns to RMS 1, output layer rows of a 0.9 momentum to
-    RMS 1; swan: standardise + whiten each hidden matrix as a whole. Everything else: AdamW.
+    RMS 1; swan: standardise + whiten each hidden matrix (per block when ``split``). Everything else: AdamW.
     ``bf16``: mixed precision as Megatron does it: fp32 masters start from the bf16-rounded
     weights, forward/backward run on a bf16 copy of the model, updates go to the masters.
     """
@@ -139,8 +139,12 @@ def reference(full: dict[str, torch.Tensor], steps: int, split: bool = True, opt
                 if opt == "sinkgd":
                     blocks = block_of_row(n, g.shape[0]) if split else None
                     upd = R.sr_sinkhorn_blocks(g, ITERS, blocks or [0] * g.shape[0])
-                elif opt == "swan":
-                    upd = R.swan(g, SWAN_NS)
+                elif opt == "swan":  # whitening per Q/K/V and gate/up block (``split``), as unfused
+                    blocks = block_of_row(n, g.shape[0]) if split else None
+                    upd = torch.empty_like(g) if blocks else R.swan(g, SWAN_NS)
+                    for b in sorted(set(blocks or [])):
+                        rows = torch.tensor([i for i, blk in enumerate(blocks) if blk == b])
+                        upd[rows] = R.swan(g[rows], SWAN_NS)
                 elif "output_layer" in n:
                     momentum[n] = SCALE_MOMENTUM * momentum.get(n, torch.zeros_like(g)) + (1 - SCALE_MOMENTUM) * g
                     upd = R.row_rms_normalize(momentum[n])

@@ -10,7 +10,8 @@ paper, App. B.8: "typically ... only 5 steps"). Embeddings, LM head and 1-D para
 
 Whitening needs the whole matrix, so on sharded layouts SWAN (and only SWAN) assembles each
 matrix from its pieces over the shard group (one all-reduce of m*n floats per shared matrix); every
-rank then applies its own piece. Tensor-parallel slices are not supported for SWAN.
+rank then applies its own piece. Tensor-parallel slices are not supported for SWAN. Fused matrices
+(row blocks) are whitened block by block.
 
 Defaults: lr=0.02, lr_scale=0.05 (as SinkGD; the community SWAN ports use alpha 0.05), ns_steps=5,
 weight_decay=0, AdamW betas (0.9, 0.999), eps 1e-8.
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import hparams as hp
+from ..layout import RowBlocks
 from ..sinkhorn import apply_dense_update_, gather_matrix
 from .base import MatrixOptimizer, grad_of, has_grad
 
@@ -56,6 +58,18 @@ def swan_direction(g: torch.Tensor, ns_steps: int) -> torch.Tensor:
     return d * (math.sqrt(m * n) / dn) if dn > 0 else torch.zeros_like(g)
 
 
+def blockwise_direction(g: torch.Tensor, blocks: RowBlocks, ns_steps: int) -> torch.Tensor:
+    """SWAN on each row block of a fused matrix on its own (Q/K/V of linear_qkv, gate/up of a SwiGLU
+    fc1), as the paper's unfused LLaMA would whiten them: whitening mixes rows, so never across blocks."""
+    if blocks.count == 1:
+        return swan_direction(g, ns_steps)
+    out = torch.empty_like(g)
+    for b in range(blocks.count):
+        rows = torch.cat([torch.arange(lo, hi, device=g.device) for lo, hi, blk in blocks.runs if blk == b])
+        out[rows] = swan_direction(g[rows], ns_steps)
+    return out
+
+
 class SWAN(MatrixOptimizer):
     GROUP_KEYS = (*MatrixOptimizer.GROUP_KEYS, "ns_steps")
     MATRIX_KINDS = (SWAN_KIND,)
@@ -85,5 +99,5 @@ class SWAN(MatrixOptimizer):
     def _apply_matrices(self, group, plan):
         for spec in plan["specs"]:
             full = gather_matrix(spec, grad_of)
-            update = swan_direction(full, group["ns_steps"])
+            update = blockwise_direction(full, spec.blocks, group["ns_steps"])
             apply_dense_update_(spec, update, group["lr"] * group["lr_scale"], group["weight_decay"])
