@@ -113,7 +113,10 @@ def train(cfg: dict, steps: int = 3, poison_step: int | None = None) -> dict:
         else:
             weights[name] = deepspeed.utils.safe_get_full_fp32_param(p).detach().clone()
     module_weights = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    out = dict(weights=weights, module_weights=module_weights, losses=losses, lrs=lrs, comm=comm,
+    # (ZeRO-3 empties the inner groups' params between steps, so read the state itself; SinkGD's
+    # matrices have none, so every exp_avg here belongs to the AdamW fallback)
+    adam_state = sum(st["exp_avg"].numel() for st in inner.state.values() if "exp_avg" in st)
+    out = dict(weights=weights, module_weights=module_weights, adam_state=adam_state, losses=losses, lrs=lrs, comm=comm,
                kinds=[g["kind"] for g in inner.param_groups],
                inner=type(inner).__name__, wrapper=type(engine.optimizer).__name__, skipped=skipped,
                snaps=out_snaps, group_lrs=[g["lr"] for g in inner.param_groups])

@@ -143,6 +143,19 @@ def test_statistics_collectives_only(runs):
             assert [c[0] for c in r["comm"] if c[0]] == [2, 2, 2]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_adamw_fallback_state_is_sharded(runs, world):
+    """Embeddings / norms / head keep AdamW moments only for this rank's partition (ZeRO 1-3), like Adam."""
+    sizes = [p.numel() for n, p in make_model().named_parameters() if n not in MATRICES]
+    full = sum(sizes)
+    share = sum(-(-size // world) for size in sizes) + world  # 1/world of each (ZeRO-3 cuts each param) + alignment
+    for stage in (1, 2, 3):
+        per_rank = [r[f"SinkGD-z{stage}-fp32"]["adam_state"] for r in runs[world]]
+        assert sum(per_rank) >= full, (stage, per_rank)  # every element has its moments somewhere
+        assert max(per_rank) <= share < full, (stage, per_rank)
+    assert runs[world][0]["SinkGD-z0-fp32"]["adam_state"] == full  # stage 0: every rank holds all of it
+
+
 def test_swan_gathers_only_its_matrices(runs):
     for key, r in runs[2][0].items():
         if key.startswith("SWAN-z") and key.endswith("fp32") and not key.startswith("SWAN-z0"):
