@@ -12,10 +12,21 @@ all-reduce of the partial vectors (bucketed across every matrix of the step, one
 and half-iteration) completes them exactly.  The update ``r_i G_ij c_j`` is then applied to the
 local piece only.  A zero sum gives a zero scale (a zero row/column gets a zero update), the same
 rule in every layout; non-finite sums are reported so the caller can skip the step.
+
+On CPU the work is done by native kernels (``sinkgd_ds.kernels``) when they could be built; the torch
+code below stays the reference and the fallback (GPU tensors, fp16, no compiler). A matrix whose sums
+are all complete on this rank (``spec.is_local``: no collective) runs its whole schedule in one call
+with ONE pass over G per iteration (a row's r_i is known as soon as the row is summed, so its column
+contribution r_i^2 G_ij^2 is added while the row is still in cache). Sharded matrices keep the
+half-iteration structure (their collectives sit between the halves); the kernels then only compute
+the local partial sums, without materialising G^2. The update is one pass fused with weight decay.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,9 +34,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from .layout import MatrixSpec, Segment
+from . import kernels as _kernels
+from .layout import MatrixSpec, RowBlocks, Segment
 
-__all__ = ["Scales", "normalize_scales", "apply_scaled_update_", "apply_dense_update_", "gather_matrix", "CommStats"]
+__all__ = ["Scales", "normalize_scales", "apply_scaled_update_", "apply_scaled_updates_", "apply_dense_update_",
+           "gather_matrix", "CommStats"]
 
 Half = Literal["row", "col"]
 Direction = Callable[[torch.Tensor], torch.Tensor]
@@ -54,20 +67,102 @@ def _view(spec: MatrixSpec, seg: Segment, direction: Direction) -> torch.Tensor:
     return flat[seg.offset : seg.offset + seg.rows * seg.cols].view(seg.rows, seg.cols)
 
 
-def _row_sums(spec: MatrixSpec, csq: torch.Tensor, direction: Direction, device) -> torch.Tensor:
+def _ptr(t: torch.Tensor, elem: int = 0) -> int:
+    return t.data_ptr() + elem * t.element_size()
+
+
+def _row_sums(spec: MatrixSpec, csq: torch.Tensor, direction: Direction, device, lib=None) -> torch.Tensor:
     out = torch.zeros(spec.shape[0], dtype=torch.float32, device=device)
+    n = spec.shape[1]
     for seg in spec.segments:
-        g2 = _view(spec, seg, direction).float().square()
+        g = _view(spec, seg, direction)
+        if lib is not None and _kernels.supports(g) and csq.device.type == "cpu":
+            lib.sk_row_partial(_ptr(g), _kernels.DTYPE_CODES[g.dtype], seg.rows, seg.cols,
+                               _ptr(csq, seg.block * n + seg.col), _ptr(out, seg.row), _kernels.num_threads(g.numel()))
+            continue
+        g2 = g.float().square()
         out[seg.row : seg.row + seg.rows].addmv_(g2, csq[seg.block, seg.col : seg.col + seg.cols])
     return out
 
 
-def _col_sums(spec: MatrixSpec, rsq: torch.Tensor, direction: Direction, device) -> torch.Tensor:
+def _col_sums(spec: MatrixSpec, rsq: torch.Tensor, direction: Direction, device, lib=None) -> torch.Tensor:
     out = torch.zeros(spec.blocks.count, spec.shape[1], dtype=torch.float32, device=device)
+    n = spec.shape[1]
     for seg in spec.segments:
-        g2 = _view(spec, seg, direction).float().square()
+        g = _view(spec, seg, direction)
+        if lib is not None and _kernels.supports(g) and rsq.device.type == "cpu":
+            lib.sk_col_partial(_ptr(g), _kernels.DTYPE_CODES[g.dtype], seg.rows, seg.cols,
+                               _ptr(rsq, seg.row), _ptr(out, seg.block * n + seg.col), _kernels.num_threads(g.numel()))
+            continue
+        g2 = g.float().square()
         out[seg.block, seg.col : seg.col + seg.cols].addmv_(g2.t(), rsq[seg.row : seg.row + seg.rows])
     return out
+
+
+def _local_matrix(spec: MatrixSpec, direction: Direction) -> tuple[torch.Tensor, int] | None:
+    """(G's tensor, address of G[0, 0]) when every sum of ``spec`` is complete on this rank (no collective),
+    the whole local matrix is one contiguous run of a CPU tensor and the kernels take its dtype."""
+    if spec.shard_group is not None or spec.row_group is not None or spec.col_group is not None:
+        return None
+    frags = spec.fragments
+    if len(frags) != 1 or not spec.owner.is_cpu:
+        return None
+    f = frags[0]
+    if f.start != 0 or f.numel != spec.shape[0] * spec.shape[1]:
+        return None
+    g = direction(f.tensor)
+    if not _kernels.supports(g) or g.numel() < f.offset + f.numel:
+        return None
+    return g, g.data_ptr() + f.offset * g.element_size()
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_constants(blocks: RowBlocks) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Flattened row-block runs and the column targets sqrt(global rows) of each block."""
+    return tuple(v for run in blocks.runs for v in run), tuple(math.sqrt(rows) for rows in blocks.global_rows)
+
+
+def _kernel_scales(lib, items: list[tuple[MatrixSpec, torch.Tensor, int]], sched: bytes) -> list[Scales]:
+    """Whole schedule of every local matrix in one native call (one pass over G per row+col iteration;
+    matrices spread over the threads, no barrier inside a matrix unless it is too big to share)."""
+    desc = array("q")
+    runs = array("q")
+    targets = array("f")
+    row_targets = array("f")
+    codes = _kernels.DTYPE_CODES
+    r_sizes, c_sizes = [], []
+    for spec, _, _ in items:
+        m, n = spec.shape
+        r_sizes.append(m)
+        c_sizes.append(len(spec.blocks.global_rows) * n)
+    rs = torch.empty(sum(r_sizes), dtype=torch.float32).split(r_sizes)
+    cs = torch.empty(sum(c_sizes), dtype=torch.float32).split(c_sizes)
+    out: list[Scales] = []
+    for (spec, g, ptr), r, c in zip(items, rs, cs):
+        m, n = spec.shape
+        blocks = spec.blocks
+        flat_runs, col_targets = _block_constants(blocks)
+        nb = len(col_targets)
+        desc.extend((ptr, codes[g.dtype], m, n, len(runs) // 3, len(flat_runs) // 3, nb, len(targets), r.data_ptr(),
+                     c.data_ptr()))
+        runs.extend(flat_runs)
+        targets.extend(col_targets)
+        row_targets.append(math.sqrt(spec.global_shape[1]))
+        out.append(Scales(r, c.view(nb, n)))
+    count = len(items)
+    bad = array("i", bytes(4 * count))
+    rc = lib.sk_normalize_many(count, _addr(desc), _addr(row_targets), _addr(runs), _addr(targets), sched, len(sched),
+                               _kernels.num_threads(sum(r_sizes[i] * items[i][0].shape[1] for i in range(count))),
+                               _kernels.SPREAD, _addr(bad))
+    if rc < 0:
+        raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
+    for sc, flag in zip(out, bad):
+        sc.finite = flag == 0
+    return out
+
+
+def _addr(buf: array) -> int:
+    return buf.buffer_info()[0] if len(buf) else 0
 
 
 def all_reduce_sum(buf: torch.Tensor, group) -> None:
@@ -136,6 +231,30 @@ def normalize_scales(
     ranks that share a matrix get bit-identical scales, hence identical ``finite`` decisions.
     """
     stats = stats if stats is not None else CommStats()
+    schedule = tuple(schedule)
+    for half in schedule:
+        if half not in ("row", "col"):
+            raise ValueError(f"schedule entries must be 'row' or 'col', got {half!r}")
+    lib = _kernels.lib() if any(sp.owner.is_cpu for sp in specs) else None
+    local = {}
+    if lib is not None:
+        local = {i: loc for i, sp in enumerate(specs) if (loc := _local_matrix(sp, direction)) is not None}
+    out: list[Scales | None] = [None] * len(specs)
+    sched = bytes(0 if h == "row" else 1 for h in schedule)
+    # Local matrices need no collective, so they run first, all in one call (which works through them
+    # roughly in reverse order, so that the update pass starts on gradients that are still in cache).
+    if local:
+        for i, sc in zip(local, _kernel_scales(lib, [(specs[i], *loc) for i, loc in local.items()], sched)):
+            out[i] = sc
+    rest = [i for i in range(len(specs)) if i not in local]
+    for i, sc in zip(rest, _normalize_torch([specs[i] for i in rest], direction, schedule, stats, lib)):
+        out[i] = sc
+    return out  # type: ignore[return-value]
+
+
+def _normalize_torch(specs: Sequence[MatrixSpec], direction: Direction, schedule: Sequence[Half], stats: CommStats,
+                     lib) -> list[Scales]:
+    """Half-iteration by half-iteration, with one bucketed all-reduce per half (the sharded path)."""
     scales: list[Scales] = []
     for spec in specs:
         dev = spec.owner.device
@@ -146,19 +265,17 @@ def normalize_scales(
     bad = [torch.zeros((), dtype=torch.bool, device=s.r.device) for s in scales]
     for half in schedule:
         if half == "row":
-            sums = [_row_sums(sp, sc.c.square(), direction, sc.r.device) for sp, sc in zip(specs, scales)]
+            sums = [_row_sums(sp, sc.c.square(), direction, sc.r.device, lib) for sp, sc in zip(specs, scales)]
             _allreduce_bucketed(sums, [(sp.shard_group, sp.row_group) for sp in specs], stats)
             for i, (sp, sc) in enumerate(zip(specs, scales)):
                 bad[i] |= ~torch.isfinite(sums[i]).all()
                 sc.r = _guarded_scale(sums[i], sp.row_target)
-        elif half == "col":
-            sums = [_col_sums(sp, sc.r.square(), direction, sc.r.device) for sp, sc in zip(specs, scales)]
+        else:
+            sums = [_col_sums(sp, sc.r.square(), direction, sc.r.device, lib) for sp, sc in zip(specs, scales)]
             _allreduce_bucketed(sums, [(sp.shard_group, sp.col_group) for sp in specs], stats)
             for i, (sp, sc) in enumerate(zip(specs, scales)):
                 bad[i] |= ~torch.isfinite(sums[i]).all()
                 sc.c = _guarded_scale(sums[i], sp.col_targets().to(sums[i].device)[:, None])
-        else:
-            raise ValueError(f"schedule entries must be 'row' or 'col', got {half!r}")
     if bad:
         for sc, flag in zip(scales, torch.stack(bad).tolist()):
             sc.finite = not flag
@@ -174,15 +291,69 @@ def apply_scaled_update_(
     extra_scale: float = 1.0,
 ) -> None:
     """W <- W (1 - step_size * weight_decay) - step_size * extra_scale * diag(r) G diag(c), on local pieces."""
+    lib = _kernels.lib() if spec.owner.is_cpu else None
+    r, c = scales.r, scales.c
+    desc = array("q")
+    if lib is not None and _apply_segments(spec, r, c, direction, desc):
+        lib.sk_apply_many(len(desc) // 8, _addr(desc), 1.0 - step_size * weight_decay, step_size * extra_scale,
+                          1 if weight_decay else 0, _kernels.num_threads(spec.shape[0] * spec.shape[1]))
+        return
     for seg in spec.segments:
         frag = spec.fragments[seg.fragment]
         p = frag.tensor.view(-1)[seg.offset : seg.offset + seg.rows * seg.cols].view(seg.rows, seg.cols)
         g = _view(spec, seg, direction)
-        upd = g.float() * scales.r[seg.row : seg.row + seg.rows, None]
-        upd.mul_(scales.c[seg.block, seg.col : seg.col + seg.cols])
+        upd = g.float() * r[seg.row : seg.row + seg.rows, None]
+        upd.mul_(c[seg.block, seg.col : seg.col + seg.cols])
         if weight_decay:
             p.mul_(1.0 - step_size * weight_decay)
         p.add_(upd.to(p.dtype), alpha=-step_size * extra_scale)
+
+
+def apply_scaled_updates_(
+    specs: Sequence[MatrixSpec],
+    scales: Sequence[Scales],
+    direction: Direction,
+    step_size: float,
+    weight_decay: float = 0.0,
+    extra_scale: float = 1.0,
+) -> None:
+    """:func:`apply_scaled_update_` for many matrices with the same step size: on CPU one native call for
+    all of them (matrices spread over the threads, one fork/join), the rest one by one."""
+    lib = _kernels.lib() if any(sp.owner.is_cpu for sp in specs) else None
+    desc = array("q")
+    if lib is not None:
+        for spec, sc in zip(specs, scales):
+            if not _apply_segments(spec, sc.r, sc.c, direction, desc):
+                apply_scaled_update_(spec, sc, direction, step_size, weight_decay, extra_scale)
+    else:
+        for spec, sc in zip(specs, scales):
+            apply_scaled_update_(spec, sc, direction, step_size, weight_decay, extra_scale)
+    if desc:
+        total = sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), 8))
+        lib.sk_apply_many(len(desc) // 8, _addr(desc), 1.0 - step_size * weight_decay, step_size * extra_scale,
+                          1 if weight_decay else 0, _kernels.num_threads(total))
+
+
+def _apply_segments(spec: MatrixSpec, r: torch.Tensor, c: torch.Tensor, direction: Direction, desc: array) -> bool:
+    """Append the native update descriptors of ``spec`` to ``desc``; False (nothing appended) when the
+    kernels do not take these tensors."""
+    m, n = spec.shape
+    if not (spec.segments and r.is_cpu and r.dtype == c.dtype == torch.float32 and r.is_contiguous()
+            and c.is_contiguous() and r.numel() >= m and c.numel() >= spec.blocks.count * n):
+        return False  # (the torch path reports misuse)
+    frags = []
+    codes = _kernels.DTYPE_CODES
+    for f in spec.fragments:
+        p, g = f.tensor, direction(f.tensor)
+        if not (_kernels.supports(p) and _kernels.supports(g) and g.numel() == p.numel()):
+            return False
+        frags.append((p.data_ptr(), p.element_size(), codes[p.dtype], g.data_ptr(), g.element_size(), codes[g.dtype]))
+    rp, cp = r.data_ptr(), c.data_ptr()
+    for seg in spec.segments:
+        pp, ps, pcode, gp, gs, gcode = frags[seg.fragment]
+        desc.extend((pp + seg.offset * ps, pcode, gp + seg.offset * gs, gcode, seg.rows, seg.cols, rp + 4 * seg.row,
+                     cp + 4 * (seg.block * n + seg.col)))
+    return True
 
 
 def gather_matrix(spec: MatrixSpec, direction: Direction) -> torch.Tensor:

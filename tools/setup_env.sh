@@ -54,6 +54,10 @@ fi
 # 4. the package itself with every extra, pinned
 $PIP install -q -c constraints.txt -e ".[all]"
 
+# 4b. the native CPU Sinkhorn kernels (g++ + OpenMP, ~3 s, cached in ~/.cache/sinkgd_ds/kernels);
+# without a compiler the torch path is used, so this is not fatal
+$VENV/bin/python -m sinkgd_ds.kernels || echo "[setup] native kernels not built; SinkGD uses its torch path"
+
 # 5. checks: CPU torch only, no CUDA wheels
 if $PIP list 2>/dev/null | grep -i -E '^nvidia-|^triton ' >/dev/null; then
   echo "[setup] CUDA packages were pulled into $VENV; refusing (torch must stay the CPU build)" >&2

@@ -52,6 +52,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._names: dict[int, str] = {}
         self._layouts: dict[int, list[MatrixSpec]] = {}
         self._group_layouts: dict[int, list[MatrixSpec]] = {}
+        self._dense_specs: dict[int, MatrixSpec] = {}
         self._consensus_group = None
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -158,15 +159,22 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if id(p) in self._layouts:
                 specs.extend(self._layouts[id(p)])
             elif p.dim() >= 2:
-                if not p.is_contiguous():
-                    raise ValueError(f"{self._where}: parameter {self._names.get(id(p), '')!r} must be contiguous")
-                specs.append(dense_spec(p, self._names.get(id(p), "")))
+                specs.append(self._dense_spec(p))
             else:
                 raise RuntimeError(
                     f"{self._where}: a {group['kind']} group holds a 1-D tensor of {p.numel()} elements with no "
                     "layout. This is a flattened partition (ZeRO / distributed optimizer) whose matrix structure "
                     "was not registered: import sinkgd_ds before deepspeed.initialize / use megatron_patch.")
         return specs
+
+    def _dense_spec(self, p: torch.Tensor) -> MatrixSpec:
+        """The trivial layout of a whole parameter, built once (its segments cost ~0.2 ms/step to recompute)."""
+        spec = self._dense_specs.get(id(p))
+        if spec is None or spec.owner is not p or spec.fragments[0].numel != p.numel():
+            if not p.is_contiguous():
+                raise ValueError(f"{self._where}: parameter {self._names.get(id(p), '')!r} must be contiguous")
+            spec = self._dense_specs[id(p)] = dense_spec(p, self._names.get(id(p), ""))
+        return spec
 
     # ------------------------------------------------------------------ AdamW fallback
     def _adamw_prepare(self, group: dict[str, Any]) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import hparams as hp
-from ..sinkhorn import apply_scaled_update_, normalize_scales
+from ..sinkhorn import apply_scaled_updates_, normalize_scales
 from .base import ADAMW, MatrixOptimizer, grad_of, has_grad
 
 SINKGD = "sinkgd"
@@ -31,8 +31,8 @@ def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, di
 
 
 def apply_normalized(group: dict[str, Any], plan: dict[str, Any], step_size: float, direction=grad_of) -> None:
-    for spec, sc in zip(plan["specs"], plan["scales"]):
-        apply_scaled_update_(spec, sc, direction, step_size, group["weight_decay"])
+    """Write every matrix's update (one native call for the whole group on CPU)."""
+    apply_scaled_updates_(plan["specs"], plan["scales"], direction, step_size, group["weight_decay"])
 
 
 class SinkGD(MatrixOptimizer):

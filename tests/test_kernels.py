@@ -1,0 +1,285 @@
+"""The native CPU kernels (sinkgd_ds.kernels) against the float64 reference and against the torch path.
+
+Every test here runs the engine twice where it matters: with the kernels (the default on CPU) and with
+``kernels.set_enabled(False)`` (the pure-torch reference path), and checks both against the naive
+float64 SR-Sinkhorn of tests/reference.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from sinkgd_ds import kernels
+from sinkgd_ds.layout import Fragment, MatrixSpec, RowBlocks, dense_spec
+from sinkgd_ds.sinkhorn import CommStats, apply_scaled_update_, apply_scaled_updates_, normalize_scales
+
+from .reference import sr_sinkhorn, sr_sinkhorn_blocks
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler: kernels unavailable")
+
+SHAPES = [(1, 9), (9, 1), (1, 1), (5, 7), (17, 3), (3, 200), (64, 33), (129, 77), (1, 700), (700, 1)]
+TOL = 1e-6
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@contextmanager
+def torch_path():
+    prev = kernels.set_enabled(False)
+    try:
+        yield
+    finally:
+        kernels.set_enabled(prev)
+
+
+@contextmanager
+def threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def update(g: torch.Tensor, schedule, blocks: RowBlocks | None = None, wdtype=torch.float32) -> torch.Tensor:
+    """diag(r) G diag(c) through the engine: the change of a zero weight after a step of size 1."""
+    w = torch.zeros(g.shape, dtype=wdtype)
+    spec = dense_spec(w, "w", blocks)
+    (sc,) = normalize_scales([spec], lambda t: g, schedule)
+    assert sc.finite
+    apply_scaled_update_(spec, sc, lambda t: g, step_size=1.0)
+    return -w.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("iters", [1, 2, 3, 5, 7, 10])
+def test_kernel_matches_reference_and_torch_path(shape, iters, dtype):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(iters * 7919 + shape[0] * 31 + shape[1]))
+    g = g.to(dtype)
+    sched = ("row", "col") * iters
+    got = update(g, sched)
+    # the reference sees exactly the (bf16) values; both paths accumulate in fp32
+    assert rel_err(got, sr_sinkhorn(g.double(), iters)) <= TOL
+    with torch_path():
+        ref_torch = update(g, sched)
+    assert rel_err(got, ref_torch) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_rows_and_columns(dtype):
+    g = torch.randn(37, 23, generator=torch.Generator().manual_seed(5))
+    g[[0, 4, 36]] = 0
+    g[:, [0, 7, 22]] = 0
+    g = g.to(dtype)
+    for iters in (1, 4, 10):
+        x = update(g, ("row", "col") * iters)
+        assert torch.isfinite(x).all()
+        assert (x[[0, 4, 36]] == 0).all() and (x[:, [0, 7, 22]] == 0).all()
+        assert rel_err(x, sr_sinkhorn(g.double(), iters)) <= TOL
+    assert (update(torch.zeros(5, 3, dtype=dtype), ("row", "col") * 3) == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (2000, 40), (40, 2000), (1, 70000), (70000, 1)])
+def test_multithreaded_matches(shape):
+    """Big enough that the kernels split the work over threads (per-thread column accumulators)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    with threads(2):
+        got = update(g, ("row", "col") * 5)
+    assert rel_err(got, sr_sinkhorn(g, 5)) <= TOL
+    with threads(1):
+        assert rel_err(update(g, ("row", "col") * 5), got) <= TOL
+
+
+@pytest.mark.parametrize("spread", [1, 0])
+def test_many_matrices_in_one_call(spread, monkeypatch):
+    """Several local matrices in one step (one big one runs alone, the rest are spread over threads;
+    or, spread=0, all threads on each in turn), each with its own shape, dtype and row blocks."""
+    monkeypatch.setattr(kernels, "SPREAD", spread)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(400, 300), (5, 7), (64, 33), (33, 64), (1, 9), (9, 1), (128, 128), (12, 20)]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    grads[3] = grads[3].bfloat16()
+    blocks = {0: RowBlocks.from_sizes([100, 50, 50], repeats=2), 6: RowBlocks.from_sizes([16, 8, 8], repeats=4)}
+    ws = [torch.zeros(s) for s in shapes]
+    specs = [dense_spec(w, f"w{i}", blocks.get(i)) for i, w in enumerate(ws)]
+    by_id = {id(w): g for w, g in zip(ws, grads)}
+    direction = lambda t: by_id[id(t)]
+    with threads(2):
+        scales = normalize_scales(specs, direction, ("row", "col") * 4)
+    for spec, sc, w, g, i in zip(specs, scales, ws, grads, range(len(ws))):
+        assert sc.finite
+        apply_scaled_update_(spec, sc, direction, step_size=1.0)
+        if i in blocks:
+            rows = [b for s, e, b in blocks[i].runs for _ in range(s, e)]
+            want = sr_sinkhorn_blocks(g.double(), 4, rows)
+        else:
+            want = sr_sinkhorn(g.double(), 4)
+        assert rel_err(-w, want) <= TOL, shapes[i]
+
+
+def test_fused_row_blocks():
+    q, k, v, groups, n = 4, 2, 2, 3, 7
+    blocks = RowBlocks.from_sizes([q, k, v], repeats=groups)
+    g = torch.randn(groups * (q + k + v), n, generator=torch.Generator().manual_seed(1))
+    rows = [b for _ in range(groups) for b, size in enumerate((q, k, v)) for _ in range(size)]
+    for iters in (1, 5):
+        got = update(g, ("row", "col") * iters, blocks)
+        assert rel_err(got, sr_sinkhorn_blocks(g, iters, rows)) <= TOL
+        with torch_path():
+            assert rel_err(got, update(g, ("row", "col") * iters, blocks)) <= TOL
+
+
+@pytest.mark.parametrize("schedule", [("row",), ("col",), ("col", "row"), ("row", "row", "col"),
+                                      ("col", "col", "row", "col"), ()])
+def test_other_schedules_match_torch_path(schedule):
+    """SCALE uses a lone row or column half; any schedule must give what the torch path gives."""
+    g = torch.randn(70, 45, generator=torch.Generator().manual_seed(2))
+    got = update(g, schedule)
+    with torch_path():
+        want = update(g, schedule)
+    assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_reported_like_torch_path(bad, dtype):
+    g = torch.randn(40, 30)
+    g[7, 3] = bad
+    w, ok = torch.zeros(40, 30), torch.zeros(5, 5)
+    by_id = {id(w): g.to(dtype), id(ok): torch.randn(5, 5).to(dtype)}
+    direction = lambda t: by_id[id(t)]
+    for sched in (("row", "col"), ("row",), ("col",)):
+        got = normalize_scales([dense_spec(w), dense_spec(ok)], direction, sched)
+        with torch_path():
+            want = normalize_scales([dense_spec(w), dense_spec(ok)], direction, sched)
+        assert [s.finite for s in got] == [s.finite for s in want] == [False, True]
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_apply_matches_torch_path(wdtype, gdtype, weight_decay):
+    gen = torch.Generator().manual_seed(4)
+    w0 = torch.randn(90, 61, generator=gen).to(wdtype)
+    g = torch.randn(90, 61, generator=gen).to(gdtype)
+    results = []
+    for use_kernels in (True, False):
+        prev = kernels.set_enabled(use_kernels)
+        try:
+            w = w0.clone()
+            spec = dense_spec(w)
+            (sc,) = normalize_scales([spec], lambda t: g, ("row", "col") * 3)
+            apply_scaled_update_(spec, sc, lambda t: g, step_size=0.01, weight_decay=weight_decay, extra_scale=0.5)
+            results.append(w)
+        finally:
+            kernels.set_enabled(prev)
+    got, want = results
+    delta_got, delta_want = got.double() - w0.double(), want.double() - w0.double()
+    if wdtype == torch.float32:
+        assert rel_err(delta_got, delta_want) <= 1e-5
+    else:  # the kernel rounds to bf16 once, the torch path twice (after the decay and after the add)
+        assert (got.double() - want.double()).abs().max() <= 2 * 2**-8 * w0.double().abs().max()
+
+
+class _Solo:
+    """A one-rank 'shard group': forces the half-iteration (sharded) path with its partial-sum kernels."""
+
+    def all_reduce(self, buf: torch.Tensor) -> None:
+        pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cut", [0, 1, 50, 2 * 33 + 5])
+def test_partial_sum_kernels_on_sharded_layout(dtype, cut):
+    """Two flat fragments cut mid-row (a ZeRO boundary), completed by a (trivial) group."""
+    m, n = 64, 33
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(cut)).to(dtype)
+    part = torch.zeros(m * n)
+    flat = g.reshape(-1).clone()
+    frags = (Fragment(part, 0, 0, cut), Fragment(part, cut, cut, m * n - cut))
+    results = []
+    for use_kernels in (True, False):
+        prev = kernels.set_enabled(use_kernels)
+        try:
+            part.zero_()
+            spec = MatrixSpec("w", (m, n), frags, owner=part, shard_group=_Solo())
+            stats = CommStats()
+            (sc,) = normalize_scales([spec], lambda t: flat, ("row", "col") * 5, stats)
+            assert sc.finite and stats.collectives == 10
+            apply_scaled_update_(spec, sc, lambda t: flat, step_size=1.0)
+            results.append(-part.view(m, n).double())
+        finally:
+            kernels.set_enabled(prev)
+    assert rel_err(results[0], sr_sinkhorn(g.double(), 5)) <= TOL
+    assert rel_err(results[0], results[1]) <= TOL
+
+
+def test_no_compiler_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="sinkgd_ds"):
+        assert kernels.lib() is None
+        assert kernels.lib() is None  # tried once, warned once
+        g = torch.randn(6, 5)
+        x = update(g, ("row", "col") * 2)
+    assert rel_err(x, sr_sinkhorn(g, 2)) <= TOL
+    warnings = [r for r in caplog.records if "compiler" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+
+
+def test_build_is_cached(monkeypatch):
+    path = kernels.build()
+    assert path is not None and path.exists()
+    stamp = path.stat().st_mtime_ns
+    monkeypatch.setattr(kernels, "_lib", None)  # a new process: finds the library, does not rebuild
+    monkeypatch.setattr(kernels, "_tried", False)
+    assert kernels.build() == path and path.stat().st_mtime_ns == stamp
+
+
+def _lookup(table: dict, t: torch.Tensor) -> torch.Tensor:
+    return table[id(t)]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_batched_apply_equals_one_by_one(weight_decay):
+    """apply_scaled_updates_ (one native call) == apply_scaled_update_ per matrix == the torch path."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(300, 200), (5, 7), (64, 33), (1, 50), (40, 1), (128, 96)]
+    w0 = [torch.randn(s, generator=gen) for s in shapes]
+    w0[2] = w0[2].bfloat16()
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    grads[5] = grads[5].bfloat16()
+    blocks = {5: RowBlocks.from_sizes([32, 16, 16], repeats=2)}
+    results = []
+    for mode in ("batched", "single", "torch"):
+        prev = kernels.set_enabled(mode != "torch")
+        try:
+            ws = [w.clone() for w in w0]
+            direction = functools.partial(_lookup, {id(w): g for w, g in zip(ws, grads)})
+            specs = [dense_spec(w, f"w{i}", blocks.get(i)) for i, w in enumerate(ws)]
+            with threads(2):
+                scales = normalize_scales(specs, direction, ("row", "col") * 3)
+                if mode == "batched":
+                    apply_scaled_updates_(specs, scales, direction, 0.01, weight_decay, extra_scale=0.5)
+                else:
+                    for sp, sc in zip(specs, scales):
+                        apply_scaled_update_(sp, sc, direction, 0.01, weight_decay, extra_scale=0.5)
+            results.append(ws)
+        finally:
+            kernels.set_enabled(prev)
+    for batched, single, ref, w in zip(*results, w0):
+        assert torch.equal(batched, single)
+        if w.dtype == torch.float32:
+            assert rel_err(batched.double() - w.double(), ref.double() - w.double()) <= 1e-5
+        else:
+            assert (batched.double() - ref.double()).abs().max() <= 2 * 2**-8 * w.double().abs().max()
