@@ -19,11 +19,16 @@ def _matrix_update(opt: str, g: torch.Tensor, name: str, hp: dict, mom: dict) ->
 
 
 def reference_run(opt: str, hp: dict, data: list[torch.Tensor], lrs: list[float], clip: float = 0.0,
-                  gas: int = 1, bf16: bool = False, zero_grad_init_step: bool = False) -> dict[str, torch.Tensor]:
+                  gas: int = 1, bf16: bool = False, zero_grad_init_step: bool = False,
+                  shards: int = 1) -> dict[str, torch.Tensor]:
     """Train make_model() on the full batches; returns final fp32 master weights (float64).
 
     ``bf16``: mixed precision as DeepSpeed does it: fp32 master weights start from the bf16-rounded
     model, forward/backward run on a bf16 copy, updates are applied to the masters.
+
+    ``shards``: in bf16, the gradient is computed per rank (each of ``shards`` ranks takes its rows of
+    every batch, as the DeepSpeed runs do) in bf16 and averaged in float64, so the reference has the
+    same bf16 roundings as data parallelism; only the bf16 reduction itself is left to the tolerance.
 
     ``zero_grad_init_step``: DeepSpeed's stage-0 mixed-precision wrapper (FP16_UnfusedOptimizer) runs one
     optimizer step on all-zero gradients at construction to create the optimizer state, for any
@@ -55,11 +60,16 @@ def reference_run(opt: str, hp: dict, data: list[torch.Tensor], lrs: list[float]
             with torch.no_grad():
                 for q, p in zip(low.parameters(), model.parameters()):
                     q.copy_(p)
-            low.zero_grad()
+            acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
             for micro in data[step * gas : (step + 1) * gas]:
-                (low(micro) / gas).backward()
-            for q, p in zip(low.parameters(), model.parameters()):
-                p.grad = q.grad.float()
+                per = micro.shape[0] // shards
+                for r in range(shards):  # each rank's bf16 gradient of its rows, averaged exactly
+                    low.zero_grad()
+                    low(micro[r * per : (r + 1) * per]).backward()
+                    for (n, _), q in zip(model.named_parameters(), low.parameters()):
+                        acc[n] += q.grad.double() / (gas * shards)
+            for n, p in model.named_parameters():
+                p.grad = acc[n].float()
         else:
             for micro in data[step * gas : (step + 1) * gas]:
                 (model(micro) / gas).backward()
