@@ -72,7 +72,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         "==== summary ====",
         f"model       {s['model']} ({s['params'] / 1e6:.2f}M params), optimizer {s['optimizer']}, "
-        f"ZeRO-{s['zero_stage']}, {s['world']} ranks",
+        f"{s.get('layout') or 'ZeRO-' + str(s['zero_stage'])}, {s['world']} ranks",
         f"steps       {s['step']} / {s['steps']}" + (f" (resumed at {s['resumed_from']})" if s["resumed_from"] else "")
         + (f" (stopped by {s['stopped_by']})" if s["stopped_by"] else ""),
         f"tokens      {s['tokens']:,} this run ({s['tokens_total']:,} in total)",
@@ -81,7 +81,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"val loss    {val}",
         f"peak memory {' / '.join(mib)} MiB per rank ({s['memory_kind']})",
         f"loss curve  {s['plot']}",
-        f"checkpoint  {s['checkpoint']}",
+        f"checkpoint  {s['checkpoint'] or 'none'}",
         f"logs        {s['logs']}",
     ]
     return "\n".join(lines)

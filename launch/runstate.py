@@ -63,8 +63,9 @@ def load(engine: Any, out_dir: Path) -> dict[str, Any]:
     return client_state
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """One small all-reduce for everything the ranks must agree on each step (loss, stop flag)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def all_reduce_sum(values: list[float], device: Any = None) -> list[float]:
+    """One small all-reduce for everything the ranks must agree on each step (loss, stop flag).
+    ``device``: where the tensor lives (a CUDA device under an NCCL-only process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()

@@ -45,7 +45,7 @@ def evaluate(engine: Any, windows: torch.Tensor) -> float:
         total += float(loss) * n
         count += n
     engine.train()
-    total, count = runstate.all_reduce_sum([total, float(count)])
+    total, count = runstate.all_reduce_sum([total, float(count)], device=engine.device)
     return total / count
 
 
@@ -102,7 +102,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             engine.step()
             loss_sum += float(loss.detach())
         stop_local = runstate.stop_requested() or (args.stop_at_step is not None and step + 1 >= args.stop_at_step)
-        total, stops = runstate.all_reduce_sum([loss_sum / gas, float(stop_local)])
+        total, stops = runstate.all_reduce_sum([loss_sum / gas, float(stop_local)], device=engine.device)
         dt = time.perf_counter() - t0
         train_time += dt
         step_loss = total / world
