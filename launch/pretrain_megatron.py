@@ -6,13 +6,15 @@
 
 Same run configs (configs/models), data, batches and summary as launch/pretrain.py; the optimizer, tensor
 parallelism and precision come from the flags. Bad input is reported before any process group starts.
-No checkpoints / --resume here (use launch/pretrain.py, or Megatron-LM through megatron_patch.run).
+Checkpoints: Megatron distributed checkpoints (model + optimizer sharded_state_dict) in <out>/checkpoints/step<N>,
+every --save_every steps, at the end and on SIGTERM / Ctrl-C; --resume continues exactly.
 See docs/main_job.md ("Megatron-Core entry").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -47,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bf16", action="store_true", help="bf16 model, fp32 masters (the papers' precision)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<model>-megatron-<optimizer>-tp<tp>)")
     ap.add_argument("--overwrite", action="store_true", help="delete --out first")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--save_every", type=int, default=None,
+                    help="checkpoint every N steps, 0 = only at the end / on a stop (default checkpoint.every)")
+    ap.add_argument("--stop_at_step", type=int, default=None,
+                    help="behave as if SIGTERM arrived after this step (checkpoint + exit); for tests")
     ap.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
     ap.add_argument("--summary_json", default=None, help="also write the summary here (default <out>/summary.json)")
     return ap.parse_args(argv)
@@ -54,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that can fail on bad input, before any process group starts."""
+    from launch import runstate
     from launch.data import check_lengths, load_tokens
 
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else []) + \
@@ -87,8 +95,20 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"vocabulary size {data.vocab_size} is not divisible by --tp {tp} (vocab-parallel "
                           "embedding and output layer)")
     check_lengths(data, t["seq_len"], run["eval"]["sequences"] if run["eval"]["every"] else 0)
+    if args.save_every is not None and args.save_every < 0:
+        raise ConfigError(f"--save_every={args.save_every} must be >= 0 (0 = only at the end / on a stop)")
+    if args.stop_at_step is not None and not 0 < args.stop_at_step <= t["steps"]:
+        raise ConfigError(f"--stop_at_step={args.stop_at_step} must be in [1, train.steps={t['steps']}]")
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-megatron-{args.optimizer}-tp{tp}"
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one")
+    if args.resume and not runstate.has_checkpoint(out):
+        raise ConfigError(f"--resume: no checkpoint in {runstate.checkpoint_dir(out)} (expected a 'latest' file); "
+                          "run without --resume first, or point --out at the run directory")
+    if not args.resume and not args.overwrite and runstate.has_checkpoint(out):
+        raise ConfigError(f"{out} already holds a run (checkpoints/latest); pass --resume to continue it, "
+                          "--overwrite to start over there, or another --out")
     if args.overwrite and os.environ.get("LOCAL_RANK", "0") == "0":
         shutil.rmtree(out, ignore_errors=True)
     return {"run": run, "data": data, "out": out, "world": world, "dp": dp, "model_name": model_name}
@@ -154,6 +174,73 @@ def lm_loss(model, ids, device) -> Any:
     return model(input_ids=ids[:, :-1], position_ids=pos, attention_mask=mask, labels=ids[:, 1:]).float().mean()
 
 
+def _sharded_state_dict(model, opt, dist_opt: bool, is_loading: bool) -> tuple[dict, dict]:
+    """Megatron-LM's ``generate_state_dict`` (--ckpt-format torch_dist) and its content metadata, as
+    tests/megatron_ckpt_worker.py: the model's part from the unwrapped model, the optimizer sees the whole dict."""
+    from megatron.core import parallel_state as ps
+
+    md = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+          "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    if dist_opt:
+        md["distrib_optim_sharding_type"] = "dp_reshardable"
+    sd = {"model": model.sharded_state_dict(metadata=md)}
+    sd["optimizer"] = opt.sharded_state_dict(sd, is_loading=is_loading, metadata=md)
+    return sd, {k: v for k, v in md.items() if k != "dp_cp_group"}
+
+
+def save_checkpoint(model, opt, sched, state: dict[str, Any], out: Path, dist_opt: bool, keep: int) -> Path:
+    """Collective: <out>/checkpoints/step<N> (distributed checkpoint + train_state.json: step, losses, val,
+    scheduler), then rank 0 points ``latest`` at it and prunes all but the ``keep`` newest."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from launch import runstate
+
+    ckpt = runstate.checkpoint_dir(out)
+    path = ckpt / f"step{state['step']}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    dist.barrier()
+    sd, content = _sharded_state_dict(model, opt, dist_opt, is_loading=False)
+    strategy = FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1),
+                                                ps.get_data_parallel_group(with_context_parallel=True))
+    dist_checkpointing.save(sd, str(path), strategy, content_metadata=content)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (path / "train_state.json").write_text(json.dumps({**state, "scheduler": sched.state_dict()}))
+        (ckpt / "latest").write_text(path.name)
+        runstate.prune(ckpt, keep)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(model, ddp, opt, sched, out: Path, dist_opt: bool) -> dict[str, Any]:
+    """The checkpoint ``latest`` names: model, optimizer, scheduler; returns the train state (step, losses, ...)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    from launch import runstate
+
+    ckpt = runstate.checkpoint_dir(out)
+    path = ckpt / (ckpt / "latest").read_text().strip()
+    sd, _ = _sharded_state_dict(model, opt, dist_opt, is_loading=True)
+    strategy = FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(),
+                                                ps.get_data_parallel_group(with_context_parallel=True))
+    loaded = dist_checkpointing.load(sd, str(path), strategy)
+    ddp.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    state = json.loads((path / "train_state.json").read_text())
+    sched.load_state_dict(state.pop("scheduler"))
+    state["val"] = [tuple(v) for v in state["val"]]
+    return state
+
+
 def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -197,11 +284,20 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
         print(f"data: {data.describe}\nmodel: {plan['model_name']} ({params / 1e6:.2f}M params), {label}, {layout}, "
               f"{'bf16' if args.bf16 else 'fp32'}, batch {batch} x {seq} tokens (micro {micro} x accumulation {gas} x "
               f"{dp} DP ranks)\nrun dir: {out}", flush=True)
+    state: dict[str, Any] = {"step": 0, "losses": [], "val": [], "data_sha256": data.sha256}
+    resumed_from, last_ckpt = None, None
+    save_every = run["checkpoint"]["every"] if args.save_every is None else args.save_every
+    if args.resume:
+        loaded = load_checkpoint(model, ddp, opt, sched, out, args.use_distributed_optimizer)
+        if loaded.get("data_sha256") != data.sha256:
+            raise RuntimeError(f"--resume: the data differs from the checkpoint's ({loaded.get('data_sha256')} vs "
+                               f"{data.sha256}); use the same --data / tokenizer")
+        state.update(loaded)
+        resumed_from = state["step"]
     runstate.install_signal_handlers()
     windows = val_windows(data, seq, ev["sequences"]) if ev["every"] else None
-    state: dict[str, Any] = {"step": 0, "losses": [], "val": []}
-    bar = report.progress_bar(t["steps"], 0, rank == 0 and not args.no_progress)
-    stopped_by, train_time = None, 0.0
+    bar = report.progress_bar(t["steps"], state["step"], rank == 0 and not args.no_progress)
+    stopped_by, train_time, first_step = None, 0.0, state["step"]
     while state["step"] < t["steps"]:
         t0, step, loss_sum = time.perf_counter(), state["step"], 0.0
         ddp.zero_grad_buffer()
@@ -215,12 +311,13 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
         lr = inner.param_groups[0]["lr"]
         ok, _, _ = opt.step()
         sched.step(increment=1)
-        total, stops = runstate.all_reduce_sum([loss_sum / gas, float(runstate.stop_requested() or not ok)], device)
+        stop_local = runstate.stop_requested() or (args.stop_at_step is not None and step + 1 >= args.stop_at_step)
+        total, stops, skipped = runstate.all_reduce_sum([loss_sum / gas, float(stop_local), float(not ok)], device)
         dt = time.perf_counter() - t0
         train_time += dt
         state["step"] = step + 1
         state["losses"].append(total / world)  # TP peers hold equal losses: the mean over DP ranks
-        tok_s = state["step"] * batch * seq / train_time
+        tok_s = (state["step"] - first_step) * batch * seq / train_time
         bar.set_postfix_str(f"loss {state['losses'][-1]:.4f} lr {lr:.2e} tok/s {tok_s:,.0f}", refresh=False)
         bar.update(1)
         if args.no_progress and rank == 0 and (state["step"] % t["log_every"] == 0 or state["step"] == 1):
@@ -231,23 +328,34 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             state["val"].append((state["step"], vl))
             if rank == 0:
                 bar.write(f"step {state['step']:5d}  val loss {vl:.4f}  perplexity {report.perplexity(vl):.2f}")
+        if skipped > 0:
+            stopped_by = "optimizer step skipped (non-finite gradients)"
+            break
+        if stops > 0 or (save_every and state["step"] % save_every == 0) or state["step"] == t["steps"]:
+            last_ckpt = save_checkpoint(model, opt, sched, state, out, args.use_distributed_optimizer,
+                                        run["checkpoint"]["keep"])
         if stops > 0:
-            stopped_by = runstate.STOP["signal"] or "optimizer step skipped (non-finite gradients)"
+            stopped_by = runstate.STOP["signal"] or "--stop_at_step"
+            if rank == 0:
+                bar.write(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last_ckpt}; "
+                          "continue with --resume")
             break
     bar.close()
     peaks = report.gather_peak_memory()
     if rank == 0:
         val = state["val"][-1][1] if state["val"] else None
-        tokens = state["step"] * batch * seq
+        tokens = (state["step"] - first_step) * batch * seq
         plot = report.plot_losses(out / "loss.png", state["losses"], state["val"], f"{plan['model_name']} / {layout}")
         summary = {
             "model": plan["model_name"], "params": params, "optimizer": label, "layout": layout, "zero_stage": None,
             "world": world, "tp": args.tp, "dp": dp, "bf16": args.bf16, "step": state["step"], "steps": t["steps"],
-            "resumed_from": None, "stopped_by": stopped_by, "tokens": tokens, "tokens_total": tokens,
+            "resumed_from": resumed_from, "stopped_by": stopped_by, "tokens": tokens,
+            "tokens_total": state["step"] * batch * seq,
             "train_seconds": train_time, "tokens_per_s": tokens / train_time if train_time else 0.0,
             "losses": state["losses"], "val": state["val"], "val_loss": val,
             "val_ppl": report.perplexity(val) if val is not None else None, "peak_memory_bytes": peaks,
-            "memory_kind": "GPU max allocated" if cuda else "CPU peak RSS", "plot": str(plot), "checkpoint": None,
+            "memory_kind": "GPU max allocated" if cuda else "CPU peak RSS", "plot": str(plot),
+            "checkpoint": str(last_ckpt) if last_ckpt else None,
             "logs": None, "data_sha256": data.sha256,
         }
         print(report.format_summary(summary), flush=True)
@@ -257,7 +365,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
     dist.barrier()
     ps.destroy_model_parallel()
     dist.destroy_process_group()
-    return 0 if stopped_by is None or stopped_by == runstate.STOP["signal"] else 1
+    return 1 if stopped_by and stopped_by.startswith("optimizer step skipped") else 0
 
 
 def evaluate(model, mine, micro: int, device) -> float:

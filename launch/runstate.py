@@ -48,12 +48,18 @@ def save(engine: Any, out_dir: Path, step: int, client_state: dict[str, Any], ke
     tag = f"step{step}"
     engine.save_checkpoint(str(ckpt), tag=tag, client_state=client_state)
     dist.barrier()
-    if dist.get_rank() == 0 and keep > 0:
+    if dist.get_rank() == 0:
+        prune(ckpt, keep)
+    dist.barrier()
+    return ckpt / tag
+
+
+def prune(ckpt: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``step<N>`` tags (``keep`` 0: keep all). Rank 0 only."""
+    if keep > 0:
         tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return ckpt / tag
 
 
 def load(engine: Any, out_dir: Path) -> dict[str, Any]:

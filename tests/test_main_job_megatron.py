@@ -1,6 +1,7 @@
 """The main job on Megatron-Core (launch/pretrain_megatron.py): bad input is refused before any process group,
-and 4 steps of the tiny model on 2 CPU ranks (TP=2, and DP=2 with the distributed optimizer) lower the loss,
-write the summary, and agree with each other. CPU only through tests/main_job_megatron_cpu.py, which installs
+and 6 steps of the tiny model on 2 CPU ranks (TP=2, and DP=2 with the distributed optimizer) lower the loss,
+write the summary, and agree with each other; a run stopped after step 3 and resumed from its distributed
+checkpoint reproduces the straight run's losses exactly. CPU only through tests/main_job_megatron_cpu.py, which installs
 the test-only shim (tests/megatron_cpu_shim.py) around the unmodified launch script."""
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from .distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
-ARGS = ["--model", "tiny", "--steps", "4", "--set", "eval.every=4", "--set", "eval.sequences=4",
-        "--set", "train.log_every=1", "--no_progress", "--overwrite"]
+ARGS = ["--model", "tiny", "--steps", "6", "--set", "eval.every=4", "--set", "eval.sequences=4",
+        "--set", "train.log_every=1", "--no_progress"]
 
 
 @pytest.fixture(autouse=True)
@@ -53,16 +54,38 @@ def run(tmp_path: Path, name: str, extra: list[str]) -> dict:
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
-def test_two_ranks_loss_falls_tp2_and_dp2_distopt_agree(tmp_path):
-    tp2 = run(tmp_path, "tp2", ["--tp", "2"])
-    dp2 = run(tmp_path, "dp2", ["--use_distributed_optimizer"])
-    for s, (tp, dp) in ((tp2, (2, 1)), (dp2, (1, 2))):
-        assert (s["step"], s["steps"], s["world"], s["tp"], s["dp"]) == (4, 4, 2, tp, dp)
+@pytest.fixture(scope="module")
+def dp2(tmp_path_factory) -> tuple[Path, dict]:
+    """6 straight steps, DP=2 + distributed optimizer (checkpoint at the end only): shared by two tests."""
+    tmp = tmp_path_factory.mktemp("megatron_main")
+    return tmp, run(tmp, "dp2", ["--use_distributed_optimizer", "--save_every", "0", "--overwrite"])
+
+
+def test_two_ranks_loss_falls_tp2_and_dp2_distopt_agree(tmp_path, dp2):
+    tp2 = run(tmp_path, "tp2", ["--tp", "2", "--overwrite"])
+    (dp2_dir, dp2) = dp2
+    for s, (tp, dp), d in ((tp2, (2, 1), tmp_path / "tp2"), (dp2, (1, 2), dp2_dir / "dp2")):
+        assert (s["step"], s["steps"], s["world"], s["tp"], s["dp"]) == (6, 6, 2, tp, dp)
         assert s["optimizer"] == "SinkGD (adamw, sinkgd)"
         losses = s["losses"]
-        assert len(losses) == 4 and losses[-1] < losses[0] - 1.0, losses  # 8.33 -> 6.77 measured
+        assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, losses  # 8.33 -> 6.53 measured
         assert s["val_loss"] is not None and s["val_loss"] < losses[0]
-        assert (tmp_path / ("tp2" if tp == 2 else "dp2") / "loss.png").is_file()
+        assert (d / "loss.png").is_file() and s["checkpoint"] == str(d / "checkpoints/step6")
     # the same global batches and the same full initial weights: the two layouts train the same model
     assert tp2["losses"] == pytest.approx(dp2["losses"], rel=1e-4)
     assert tp2["val_loss"] == pytest.approx(dp2["val_loss"], rel=1e-4)
+
+
+def test_stop_then_resume_reproduces_the_straight_run_exactly(tmp_path, dp2):
+    """DP=2 + distributed optimizer: 6 steps straight vs --stop_at_step 3, then --resume to step 6."""
+    straight = dp2[1]
+    first = run(tmp_path, "split", ["--use_distributed_optimizer", "--stop_at_step", "3"])
+    assert (first["step"], first["stopped_by"], first["checkpoint"]) == (3, "--stop_at_step",
+                                                                          str(tmp_path / "split/checkpoints/step3"))
+    assert (tmp_path / "split/checkpoints/latest").read_text() == "step3"
+    resumed = run(tmp_path, "split", ["--use_distributed_optimizer", "--resume"])
+    assert (resumed["step"], resumed["resumed_from"], resumed["stopped_by"]) == (6, 3, None)
+    assert resumed["losses"][:3] == first["losses"]
+    assert resumed["losses"] == straight["losses"]  # exact: weights, optimizer state and lr schedule restored
+    assert resumed["val"] == straight["val"] and len(straight["val"]) == 2
+    assert sorted(p.name for p in (tmp_path / "split/checkpoints").iterdir()) == ["latest", "step3", "step6"]
