@@ -291,22 +291,7 @@ def apply_scaled_update_(
     extra_scale: float = 1.0,
 ) -> None:
     """W <- W (1 - step_size * weight_decay) - step_size * extra_scale * diag(r) G diag(c), on local pieces."""
-    lib = _kernels.lib() if spec.owner.is_cpu else None
-    r, c = scales.r, scales.c
-    desc = array("q")
-    if lib is not None and _apply_segments(spec, r, c, direction, desc):
-        lib.sk_apply_many(len(desc) // 8, _addr(desc), 1.0 - step_size * weight_decay, step_size * extra_scale,
-                          1 if weight_decay else 0, _kernels.num_threads(spec.shape[0] * spec.shape[1]))
-        return
-    for seg in spec.segments:
-        frag = spec.fragments[seg.fragment]
-        p = frag.tensor.view(-1)[seg.offset : seg.offset + seg.rows * seg.cols].view(seg.rows, seg.cols)
-        g = _view(spec, seg, direction)
-        upd = g.float() * r[seg.row : seg.row + seg.rows, None]
-        upd.mul_(c[seg.block, seg.col : seg.col + seg.cols])
-        if weight_decay:
-            p.mul_(1.0 - step_size * weight_decay)
-        p.add_(upd.to(p.dtype), alpha=-step_size * extra_scale)
+    apply_scaled_updates_([spec], [scales], direction, step_size, weight_decay, extra_scale)
 
 
 def apply_scaled_updates_(
@@ -318,20 +303,30 @@ def apply_scaled_updates_(
     extra_scale: float = 1.0,
 ) -> None:
     """:func:`apply_scaled_update_` for many matrices with the same step size: on CPU one native call for
-    all of them (matrices spread over the threads, one fork/join), the rest one by one."""
+    all of them (matrices spread over the threads, one fork/join), the rest one by one in torch."""
     lib = _kernels.lib() if any(sp.owner.is_cpu for sp in specs) else None
     desc = array("q")
-    if lib is not None:
-        for spec, sc in zip(specs, scales):
-            if not _apply_segments(spec, sc.r, sc.c, direction, desc):
-                apply_scaled_update_(spec, sc, direction, step_size, weight_decay, extra_scale)
-    else:
-        for spec, sc in zip(specs, scales):
-            apply_scaled_update_(spec, sc, direction, step_size, weight_decay, extra_scale)
+    for spec, sc in zip(specs, scales):
+        if lib is None or not _apply_segments(spec, sc.r, sc.c, direction, desc):
+            _apply_torch(spec, sc, direction, step_size, weight_decay, extra_scale)
     if desc:
         total = sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), 8))
         lib.sk_apply_many(len(desc) // 8, _addr(desc), 1.0 - step_size * weight_decay, step_size * extra_scale,
                           1 if weight_decay else 0, _kernels.num_threads(total))
+
+
+def _apply_torch(spec: MatrixSpec, scales: Scales, direction: Direction, step_size: float, weight_decay: float,
+                 extra_scale: float) -> None:
+    r, c = scales.r, scales.c
+    for seg in spec.segments:
+        frag = spec.fragments[seg.fragment]
+        p = frag.tensor.view(-1)[seg.offset : seg.offset + seg.rows * seg.cols].view(seg.rows, seg.cols)
+        g = _view(spec, seg, direction)
+        upd = g.float() * r[seg.row : seg.row + seg.rows, None]
+        upd.mul_(c[seg.block, seg.col : seg.col + seg.cols])
+        if weight_decay:
+            p.mul_(1.0 - step_size * weight_decay)
+        p.add_(upd.to(p.dtype), alpha=-step_size * extra_scale)
 
 
 def _apply_segments(spec: MatrixSpec, r: torch.Tensor, c: torch.Tensor, direction: Direction, desc: array) -> bool:
