@@ -11,6 +11,8 @@ import copy
 import difflib
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +241,22 @@ def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batc
             ds[mon].setdefault("job_name", mon)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def check_stop_at_step(stop_at_step: int | None, steps: int) -> None:
+    if stop_at_step is not None and not 0 < stop_at_step <= steps:
+        raise ConfigError(f"--stop_at_step={stop_at_step} must be in [1, train.steps={steps}]")
+
+
+def run_entry(prepare: Callable[[], dict[str, Any]], train: Callable[[dict[str, Any]], int]) -> int:
+    """Every check first: bad input (a ConfigError or DataError) prints ``error: ...`` and exits 2
+    before any process group starts; otherwise train on the prepared plan."""
+    from launch.corpus import DataError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        plan = prepare()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return train(plan)

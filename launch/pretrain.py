@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `launch` importable
 
-from launch.config import ROOT, ConfigError, load_run_config, resolve_ds_config, world_size_from_env  # noqa: E402
-from launch.corpus import DataError  # noqa: E402
+from launch.config import (  # noqa: E402
+    ROOT,
+    check_stop_at_step,
+    load_run_config,
+    resolve_ds_config,
+    run_entry,
+    world_size_from_env,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,18 +78,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-{ds_path.stem}"
     ds = resolve_ds_config(ds_path, run, out, args.micro_batch, args.bf16, world)
-    if args.overwrite and args.resume:
-        raise ConfigError("--overwrite and --resume contradict each other; pass one")
-    if args.overwrite and os.environ.get("LOCAL_RANK", "0") == "0":
-        shutil.rmtree(out, ignore_errors=True)
-    elif not args.resume and not args.overwrite and runstate.has_checkpoint(out):
-        raise ConfigError(f"{out} already holds a run (checkpoints/latest); pass --resume to continue it, "
-                          "--overwrite to start over there, or another --out")
-    if args.resume and not runstate.has_checkpoint(out):
-        raise ConfigError(f"--resume: no checkpoint in {runstate.checkpoint_dir(out)} (expected a 'latest' file); "
-                          "run without --resume first, or point --out at the run directory")
-    if args.stop_at_step is not None and not 0 < args.stop_at_step <= run["train"]["steps"]:
-        raise ConfigError(f"--stop_at_step={args.stop_at_step} must be in [1, train.steps={run['train']['steps']}]")
+    runstate.prepare_out_dir(out, args.resume, args.overwrite)
+    check_stop_at_step(args.stop_at_step, run["train"]["steps"])
     d = run["data"]
     data = load_tokens(d["source"], d["vocab_size"], d["val_fraction"], d["tokenizer"], d["text_column"])
     check_lengths(data, run["train"]["seq_len"], run["eval"]["sequences"] if run["eval"]["every"] else 0)
@@ -95,15 +90,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     map_mpi_env()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        plan = prepare(args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    from launch.trainer import train
 
-    return train(plan, args)
+    def train(plan: dict[str, Any]) -> int:
+        from launch.trainer import train as train_on_deepspeed  # deepspeed is imported only after the checks
+
+        return train_on_deepspeed(plan, args)
+
+    return run_entry(lambda: prepare(args), train)
 
 
 if __name__ == "__main__":

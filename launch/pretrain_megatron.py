@@ -24,8 +24,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `launch` importable
 
-from launch.config import ROOT, ConfigError, load_run_config, world_size_from_env  # noqa: E402
-from launch.corpus import DataError  # noqa: E402
+from launch.config import (  # noqa: E402
+    ROOT,
+    ConfigError,
+    check_stop_at_step,
+    load_run_config,
+    run_entry,
+    world_size_from_env,
+)
 
 OPTIMIZERS = ("sinkgd", "scale", "swan", "adam")
 DEFAULT_LR = {"sinkgd": 0.02, "scale": 0.02, "swan": 0.02, "adam": 1e-3}  # as configs/zero*_{...}.json
@@ -97,20 +103,10 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     check_lengths(data, t["seq_len"], run["eval"]["sequences"] if run["eval"]["every"] else 0)
     if args.save_every is not None and args.save_every < 0:
         raise ConfigError(f"--save_every={args.save_every} must be >= 0 (0 = only at the end / on a stop)")
-    if args.stop_at_step is not None and not 0 < args.stop_at_step <= t["steps"]:
-        raise ConfigError(f"--stop_at_step={args.stop_at_step} must be in [1, train.steps={t['steps']}]")
+    check_stop_at_step(args.stop_at_step, t["steps"])
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-megatron-{args.optimizer}-tp{tp}"
-    if args.overwrite and args.resume:
-        raise ConfigError("--overwrite and --resume contradict each other; pass one")
-    if args.resume and not runstate.has_checkpoint(out):
-        raise ConfigError(f"--resume: no checkpoint in {runstate.checkpoint_dir(out)} (expected a 'latest' file); "
-                          "run without --resume first, or point --out at the run directory")
-    if not args.resume and not args.overwrite and runstate.has_checkpoint(out):
-        raise ConfigError(f"{out} already holds a run (checkpoints/latest); pass --resume to continue it, "
-                          "--overwrite to start over there, or another --out")
-    if args.overwrite and os.environ.get("LOCAL_RANK", "0") == "0":
-        shutil.rmtree(out, ignore_errors=True)
+    runstate.prepare_out_dir(out, args.resume, args.overwrite)
     return {"run": run, "data": data, "out": out, "world": world, "dp": dp, "model_name": model_name}
 
 
@@ -326,8 +322,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
         if windows is not None and (state["step"] % ev["every"] == 0 or state["step"] == t["steps"]):
             vl = evaluate(ddp, windows[dp_rank::dp], micro, device)
             state["val"].append((state["step"], vl))
-            if rank == 0:
-                bar.write(f"step {state['step']:5d}  val loss {vl:.4f}  perplexity {report.perplexity(vl):.2f}")
+            report.announce_val(bar, rank, state["step"], vl)
         if skipped > 0:
             stopped_by = "optimizer step skipped (non-finite gradients)"
             break
@@ -336,9 +331,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
                                         run["checkpoint"]["keep"])
         if stops > 0:
             stopped_by = runstate.STOP["signal"] or "--stop_at_step"
-            if rank == 0:
-                bar.write(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last_ckpt}; "
-                          "continue with --resume")
+            report.announce_stop(bar, rank, stopped_by, state["step"], last_ckpt)
             break
     bar.close()
     peaks = report.gather_peak_memory()
@@ -389,13 +382,7 @@ def evaluate(model, mine, micro: int, device) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        plan = prepare(args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return train(plan, args)
+    return run_entry(lambda: prepare(args), lambda plan: train(plan, args))
 
 
 if __name__ == "__main__":

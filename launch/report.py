@@ -89,3 +89,13 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def announce_val(bar: Any, rank: int, step: int, val_loss: float) -> None:
+    if rank == 0:
+        bar.write(f"step {step:5d}  val loss {val_loss:.4f}  perplexity {perplexity(val_loss):.2f}")
+
+
+def announce_stop(bar: Any, rank: int, stopped_by: str, step: int, checkpoint: Any) -> None:
+    if rank == 0:
+        bar.write(f"stopped by {stopped_by} at step {step}; checkpoint {checkpoint}; continue with --resume")

@@ -7,6 +7,7 @@ the deepspeed launcher SIGTERMs its ranks and waits 30 s, torchrun does the same
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from launch.config import ConfigError
 
 STOP = {"signal": None}
 
@@ -40,6 +43,21 @@ def checkpoint_dir(out_dir: Path) -> Path:
 
 def has_checkpoint(out_dir: Path) -> bool:
     return (checkpoint_dir(out_dir) / "latest").is_file()
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """--resume / --overwrite against what ``out_dir`` holds, checked before any process group starts;
+    --overwrite then clears it (once, on local rank 0)."""
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other; pass one")
+    if resume and not has_checkpoint(out_dir):
+        raise ConfigError(f"--resume: no checkpoint in {checkpoint_dir(out_dir)} (expected a 'latest' file); "
+                          "run without --resume first, or point --out at the run directory")
+    if not resume and not overwrite and has_checkpoint(out_dir):
+        raise ConfigError(f"{out_dir} already holds a run (checkpoints/latest); pass --resume to continue it, "
+                          "--overwrite to start over there, or another --out")
+    if overwrite and os.environ.get("LOCAL_RANK", "0") == "0":
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def save(engine: Any, out_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> Path:

@@ -123,16 +123,13 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             state["val"].append((state["step"], vl))
             report.write_events(engine, [("Val/Steps/loss", vl, state["step"]),
                                          ("Val/Steps/perplexity", report.perplexity(vl), state["step"])])
-            if rank == 0:
-                bar.write(f"step {state['step']:5d}  val loss {vl:.4f}  perplexity {report.perplexity(vl):.2f}")
+            report.announce_val(bar, rank, state["step"], vl)
         periodic = ck["every"] and state["step"] % ck["every"] == 0
         if stops > 0 or periodic or state["step"] == t["steps"]:
             last_ckpt = runstate.save(engine, out, state["step"], state, ck["keep"])
             if stops > 0:
                 stopped_by = runstate.STOP["signal"] or "--stop_at_step"
-                if rank == 0:
-                    bar.write(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last_ckpt}; "
-                              "continue with --resume")
+                report.announce_stop(bar, rank, stopped_by, state["step"], last_ckpt)
                 break
     bar.close()
     return finish(plan, args, engine, state, params, resumed_from, stopped_by, run_tokens, train_time, last_ckpt)
