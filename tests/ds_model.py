@@ -11,19 +11,20 @@ FALLBACK = ("embed_tokens.weight", "norm.weight", "norm.bias", "up.bias", "lm_he
 
 
 class OddLM(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, vocab: int = VOCAB, d: int = D, ff: int = FF):
         super().__init__()
-        self.embed_tokens = torch.nn.Embedding(VOCAB, D)
-        self.norm = torch.nn.LayerNorm(D)
-        self.up = torch.nn.Linear(D, FF)
-        self.down = torch.nn.Linear(FF, D, bias=False)
-        self.lm_head = torch.nn.Linear(D, VOCAB, bias=False)
+        self.vocab = vocab
+        self.embed_tokens = torch.nn.Embedding(vocab, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.up = torch.nn.Linear(d, ff)
+        self.down = torch.nn.Linear(ff, d, bias=False)
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(ids)
         h = h + self.down(F.gelu(self.up(self.norm(h))))
         logits = self.lm_head(h).float()
-        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, self.vocab), ids[:, 1:].reshape(-1))
 
 
 def make_model(seed: int = 0) -> OddLM:
