@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..layout import FlatMatrix, Fragment, MatrixSpec, flat_partition_specs
 from ..optim import ADAMW, SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_names
+from . import require_internal
 
 log = logging.getLogger("sinkgd_ds")
 OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {"SinkGD": SinkGD, "SCALE": SCALE, "SWAN": SWAN}
@@ -50,11 +51,7 @@ def _ds_version() -> str:
 
 
 def _require(obj: Any, attr: str) -> Any:
-    if not hasattr(obj, attr):
-        raise DeepSpeedIntegrationError(
-            f"sinkgd_ds: DeepSpeed {_ds_version()} has no {getattr(obj, '__name__', type(obj).__name__)}.{attr}; "
-            "this integration is tested with deepspeed 0.19.8. Pin that version or report the new layout.")
-    return getattr(obj, attr)
+    return require_internal(obj, attr, DeepSpeedIntegrationError, f"DeepSpeed {_ds_version()}", "deepspeed 0.19.8")
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..layout import Fragment, MatrixSpec, RowBlocks
 from ..optim.base import ADAMW, NAME_ATTR, MatrixOptimizer
+from . import require_internal
 
 __all__ = ["MatrixMeta", "MegatronIntegrationError", "describe_layout", "fused_row_blocks", "matrix_meta"]
 
@@ -43,12 +44,8 @@ def mcore_version() -> str:
 
 
 def require(obj: Any, attr: str) -> Any:
-    """``getattr`` that names the megatron-core version when an internal we rely on is missing."""
-    if not hasattr(obj, attr):
-        raise MegatronIntegrationError(
-            f"sinkgd_ds: megatron-core {mcore_version()} has no {getattr(obj, '__name__', type(obj).__name__)}"
-            f".{attr}; this integration is tested with megatron-core 0.16.1. Pin it or report the new layout.")
-    return getattr(obj, attr)
+    return require_internal(obj, attr, MegatronIntegrationError, f"megatron-core {mcore_version()}",
+                            "megatron-core 0.16.1")
 
 
 @dataclass(frozen=True)
