@@ -37,8 +37,8 @@ import torch.distributed as dist
 from . import kernels as _kernels
 from .layout import MatrixSpec, RowBlocks, Segment
 
-__all__ = ["Scales", "normalize_scales", "apply_scaled_update_", "apply_scaled_updates_", "apply_dense_update_",
-           "gather_matrix", "CommStats"]
+__all__ = ["Scales", "MatrixBatch", "normalize_scales", "apply_scaled_update_", "apply_scaled_updates_",
+           "apply_dense_update_", "gather_matrix", "CommStats"]
 
 Half = Literal["row", "col"]
 Direction = Callable[[torch.Tensor], torch.Tensor]
@@ -116,49 +116,61 @@ def _local_matrix(spec: MatrixSpec, direction: Direction) -> tuple[torch.Tensor,
     return g, g.data_ptr() + f.offset * g.element_size()
 
 
+@functools.lru_cache(maxsize=64)
+def _check_schedule(schedule: tuple[Half, ...]) -> bytes:
+    """The schedule as the kernels' bytes (0 = row half, 1 = col half)."""
+    for half in schedule:
+        if half not in ("row", "col"):
+            raise ValueError(f"schedule entries must be 'row' or 'col', got {half!r}")
+    return bytes(0 if h == "row" else 1 for h in schedule)
+
+
 @functools.lru_cache(maxsize=1024)
 def _block_constants(blocks: RowBlocks) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Flattened row-block runs and the column targets sqrt(global rows) of each block."""
     return tuple(v for run in blocks.runs for v in run), tuple(math.sqrt(rows) for rows in blocks.global_rows)
 
 
-def _kernel_scales(lib, items: list[tuple[MatrixSpec, torch.Tensor, int]], sched: bytes) -> list[Scales]:
-    """Whole schedule of every local matrix in one native call (one pass over G per row+col iteration;
-    matrices spread over the threads, no barrier inside a matrix unless it is too big to share)."""
+@dataclass
+class _NativeNormalize:
+    """Arguments of one ``sk_normalize_many`` call (the arrays must outlive the call, so they are kept)."""
+
+    index: list[int]  # positions (in the batch) of the matrices it covers
+    desc: array
+    row_targets: array
+    runs: array
+    col_targets: array
+    bad: array
+    threads: int
+
+
+def _native_normalize(items: list[tuple[int, MatrixSpec, torch.Tensor, int, Scales]]) -> _NativeNormalize:
+    """Descriptors for running the whole schedule of every local matrix in one native call (one pass over G
+    per row+col iteration; matrices spread over the threads, no barrier inside a matrix unless it is too big
+    to share). ``items``: (position, spec, G's tensor, address of G[0, 0], the scales to write)."""
     desc = array("q")
     runs = array("q")
     targets = array("f")
     row_targets = array("f")
     codes = _kernels.DTYPE_CODES
-    r_sizes, c_sizes = [], []
-    for spec, _, _ in items:
+    for _, spec, g, ptr, sc in items:
         m, n = spec.shape
-        r_sizes.append(m)
-        c_sizes.append(len(spec.blocks.global_rows) * n)
-    rs = torch.empty(sum(r_sizes), dtype=torch.float32).split(r_sizes)
-    cs = torch.empty(sum(c_sizes), dtype=torch.float32).split(c_sizes)
-    out: list[Scales] = []
-    for (spec, g, ptr), r, c in zip(items, rs, cs):
-        m, n = spec.shape
-        blocks = spec.blocks
-        flat_runs, col_targets = _block_constants(blocks)
-        nb = len(col_targets)
-        desc.extend((ptr, codes[g.dtype], m, n, len(runs) // 3, len(flat_runs) // 3, nb, len(targets), r.data_ptr(),
-                     c.data_ptr()))
+        flat_runs, col_targets = _block_constants(spec.blocks)
+        desc.extend((ptr, codes[g.dtype], m, n, len(runs) // 3, len(flat_runs) // 3, len(col_targets), len(targets),
+                     sc.r.data_ptr(), sc.c.data_ptr()))
         runs.extend(flat_runs)
         targets.extend(col_targets)
         row_targets.append(math.sqrt(spec.global_shape[1]))
-        out.append(Scales(r, c.view(nb, n)))
-    count = len(items)
-    bad = array("i", bytes(4 * count))
-    rc = lib.sk_normalize_many(count, _addr(desc), _addr(row_targets), _addr(runs), _addr(targets), sched, len(sched),
-                               _kernels.num_threads(sum(r_sizes[i] * items[i][0].shape[1] for i in range(count))),
-                               _kernels.SPREAD, _addr(bad))
-    if rc < 0:
-        raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
-    for sc, flag in zip(out, bad):
-        sc.finite = flag == 0
-    return out
+    total = sum(spec.shape[0] * spec.shape[1] for _, spec, _, _, _ in items)
+    bad = array("i", bytes(4 * len(items)))
+    return _NativeNormalize([it[0] for it in items], desc, row_targets, runs, targets, bad, _kernels.num_threads(total))
+
+
+def _owns_scales(spec: MatrixSpec, sc: Scales) -> bool:
+    """The kernels write r and c in place: they must be contiguous CPU fp32 of exactly the right size."""
+    m, n = spec.shape
+    return all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in (sc.r, sc.c)) \
+        and sc.r.numel() == m and sc.c.numel() == spec.blocks.count * n
 
 
 def _addr(buf: array) -> int:
@@ -218,6 +230,111 @@ def _guarded_scale(sums: torch.Tensor, target: torch.Tensor | float) -> torch.Te
     return torch.where(sums == 0, torch.zeros_like(sums), target * torch.rsqrt(sums))
 
 
+class MatrixBatch:
+    """The matrices that one optimizer step normalises and updates together, prepared for reuse.
+
+    Building the native descriptors of a step costs about 20 us of Python per matrix, as much as the
+    kernels spend on a small matrix. So an optimizer keeps one batch per parameter group: the
+    descriptors are built once, and each later step only compares the tensors' current addresses,
+    dtypes and sizes with the ones they were built for (under 1 us per tensor), rebuilding when
+    anything moved (e.g. gradients set to None and reallocated). ``scales`` (one :class:`Scales` per
+    spec) belong to the batch: every :meth:`normalize` overwrites their tensors in place.
+    """
+
+    def __init__(self, specs: Sequence[MatrixSpec], direction: Direction, scales: Sequence[Scales] | None = None):
+        self.specs = tuple(specs)
+        self.direction = direction
+        if scales is None:
+            scales = [Scales(torch.ones(sp.shape[0], dtype=torch.float32, device=sp.owner.device),
+                             torch.ones(sp.blocks.count, sp.shape[1], dtype=torch.float32, device=sp.owner.device))
+                      for sp in self.specs]
+        elif len(scales) != len(self.specs):
+            raise ValueError(f"got {len(scales)} scales for {len(self.specs)} matrices")
+        self.scales = list(scales)
+        self._any_cpu = any(sp.owner.is_cpu for sp in self.specs)
+        # every tensor the descriptors point into, once (a ZeRO partition holds the pieces of many matrices)
+        self._tensors = tuple({id(f.tensor): f.tensor for sp in self.specs for f in sp.fragments}.values())
+        self._key: tuple | None = None
+        self._checked = False  # normalize() validated the descriptors for the apply_() of the same step
+        self._native_norm: _NativeNormalize | None = None
+        self._torch_norm: list[int] = []
+        self._apply_desc = array("q")
+        self._apply_threads = 1
+        self._torch_apply: list[int] = []
+
+    def _addresses(self, lib) -> tuple:
+        """Everything the descriptors depend on besides the specs (which are immutable)."""
+        direction = self.direction
+
+        def tensor_key(t: torch.Tensor) -> tuple:
+            g = direction(t)
+            if g is None:
+                return t.data_ptr(), t.dtype, t.numel(), None
+            return t.data_ptr(), t.dtype, t.numel(), g.data_ptr(), g.dtype, g.numel(), g.is_contiguous()
+
+        return (lib is not None, torch.get_num_threads(), *map(tensor_key, self._tensors))
+
+    def _refresh(self, lib) -> None:
+        key = self._addresses(lib)
+        if key == self._key:
+            return
+        local = []
+        if lib is not None:
+            for i, (spec, sc) in enumerate(zip(self.specs, self.scales)):
+                loc = _local_matrix(spec, self.direction)
+                if loc is not None and _owns_scales(spec, sc):
+                    local.append((i, spec, *loc, sc))
+        self._native_norm = _native_normalize(local) if local else None
+        native = {it[0] for it in local}
+        self._torch_norm = [i for i in range(len(self.specs)) if i not in native]
+        desc = self._apply_desc = array("q")
+        self._torch_apply = [i for i, (spec, sc) in enumerate(zip(self.specs, self.scales))
+                             if lib is None or not _apply_segments(spec, sc.r, sc.c, self.direction, desc)]
+        self._apply_threads = _kernels.num_threads(sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), 8)))
+        self._key = key
+
+    def normalize(self, schedule: Sequence[Half], stats: CommStats | None = None) -> list[Scales]:
+        """Run the half-iterations of ``schedule`` on every matrix together (see :func:`normalize_scales`)."""
+        stats = stats if stats is not None else CommStats()
+        schedule = tuple(schedule)
+        sched = _check_schedule(schedule)
+        lib = _kernels.lib() if self._any_cpu else None
+        self._refresh(lib)
+        self._checked = True
+        # Local matrices need no collective, so they run first, all in one call (which works through them
+        # roughly in reverse order, so that the update pass starts on gradients that are still in cache).
+        nat = self._native_norm
+        if nat is not None:
+            rc = lib.sk_normalize_many(len(nat.index), _addr(nat.desc), _addr(nat.row_targets), _addr(nat.runs),
+                                       _addr(nat.col_targets), sched, len(sched), nat.threads, _kernels.SPREAD,
+                                       _addr(nat.bad))
+            if rc < 0:
+                raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
+            for i, flag in zip(nat.index, nat.bad):
+                self.scales[i].finite = flag == 0
+        if self._torch_norm:
+            _normalize_torch([self.specs[i] for i in self._torch_norm], [self.scales[i] for i in self._torch_norm],
+                             self.direction, schedule, stats, lib)
+        return self.scales
+
+    def apply_(self, step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
+               recheck: bool = True) -> None:
+        """W <- W (1 - step_size * weight_decay) - step_size * extra_scale * diag(r) G diag(c) for every matrix:
+        on CPU one native call for all of them (matrices spread over the threads, one fork/join), the rest
+        one by one in torch. ``recheck=False`` reuses the check made by :meth:`normalize` in the same step
+        (for callers that know no tensor moved in between, as the optimizers do)."""
+        lib = _kernels.lib() if self._any_cpu else None
+        if recheck or not self._checked:
+            self._refresh(lib)
+        self._checked = False
+        desc = self._apply_desc
+        if desc:
+            lib.sk_apply_many(len(desc) // 8, _addr(desc), 1.0 - step_size * weight_decay, step_size * extra_scale,
+                              1 if weight_decay else 0, self._apply_threads)
+        for i in self._torch_apply:
+            _apply_torch(self.specs[i], self.scales[i], self.direction, step_size, weight_decay, extra_scale)
+
+
 def normalize_scales(
     specs: Sequence[MatrixSpec],
     direction: Direction,
@@ -229,39 +346,18 @@ def normalize_scales(
     ``direction(tensor)`` returns the tensor to normalise for a fragment's storage tensor (its
     ``.grad``, or a momentum buffer of the same shape). Returns one :class:`Scales` per spec; all
     ranks that share a matrix get bit-identical scales, hence identical ``finite`` decisions.
+    Optimizers that step the same matrices repeatedly keep a :class:`MatrixBatch` instead.
     """
-    stats = stats if stats is not None else CommStats()
-    schedule = tuple(schedule)
-    for half in schedule:
-        if half not in ("row", "col"):
-            raise ValueError(f"schedule entries must be 'row' or 'col', got {half!r}")
-    lib = _kernels.lib() if any(sp.owner.is_cpu for sp in specs) else None
-    local = {}
-    if lib is not None:
-        local = {i: loc for i, sp in enumerate(specs) if (loc := _local_matrix(sp, direction)) is not None}
-    out: list[Scales | None] = [None] * len(specs)
-    sched = bytes(0 if h == "row" else 1 for h in schedule)
-    # Local matrices need no collective, so they run first, all in one call (which works through them
-    # roughly in reverse order, so that the update pass starts on gradients that are still in cache).
-    if local:
-        for i, sc in zip(local, _kernel_scales(lib, [(specs[i], *loc) for i, loc in local.items()], sched)):
-            out[i] = sc
-    rest = [i for i in range(len(specs)) if i not in local]
-    for i, sc in zip(rest, _normalize_torch([specs[i] for i in rest], direction, schedule, stats, lib)):
-        out[i] = sc
-    return out  # type: ignore[return-value]
+    return MatrixBatch(specs, direction).normalize(schedule, stats)
 
 
-def _normalize_torch(specs: Sequence[MatrixSpec], direction: Direction, schedule: Sequence[Half], stats: CommStats,
-                     lib) -> list[Scales]:
-    """Half-iteration by half-iteration, with one bucketed all-reduce per half (the sharded path)."""
-    scales: list[Scales] = []
-    for spec in specs:
-        dev = spec.owner.device
-        m, n = spec.shape
-        scales.append(
-            Scales(torch.ones(m, dtype=torch.float32, device=dev), torch.ones(spec.blocks.count, n, device=dev))
-        )
+def _normalize_torch(specs: Sequence[MatrixSpec], scales: Sequence[Scales], direction: Direction,
+                     schedule: Sequence[Half], stats: CommStats, lib) -> None:
+    """Half-iteration by half-iteration, with one bucketed all-reduce per half (the sharded path);
+    writes r and c into ``scales`` in place."""
+    for sc in scales:
+        sc.r.fill_(1.0)
+        sc.c.fill_(1.0)
     bad = [torch.zeros((), dtype=torch.bool, device=s.r.device) for s in scales]
     for half in schedule:
         if half == "row":
@@ -269,17 +365,16 @@ def _normalize_torch(specs: Sequence[MatrixSpec], direction: Direction, schedule
             _allreduce_bucketed(sums, [(sp.shard_group, sp.row_group) for sp in specs], stats)
             for i, (sp, sc) in enumerate(zip(specs, scales)):
                 bad[i] |= ~torch.isfinite(sums[i]).all()
-                sc.r = _guarded_scale(sums[i], sp.row_target)
+                sc.r.copy_(_guarded_scale(sums[i], sp.row_target))
         else:
             sums = [_col_sums(sp, sc.r.square(), direction, sc.r.device, lib) for sp, sc in zip(specs, scales)]
             _allreduce_bucketed(sums, [(sp.shard_group, sp.col_group) for sp in specs], stats)
             for i, (sp, sc) in enumerate(zip(specs, scales)):
                 bad[i] |= ~torch.isfinite(sums[i]).all()
-                sc.c = _guarded_scale(sums[i], sp.col_targets().to(sums[i].device)[:, None])
+                sc.c.copy_(_guarded_scale(sums[i], sp.col_targets().to(sums[i].device)[:, None]))
     if bad:
         for sc, flag in zip(scales, torch.stack(bad).tolist()):
             sc.finite = not flag
-    return scales
 
 
 def apply_scaled_update_(
@@ -302,17 +397,8 @@ def apply_scaled_updates_(
     weight_decay: float = 0.0,
     extra_scale: float = 1.0,
 ) -> None:
-    """:func:`apply_scaled_update_` for many matrices with the same step size: on CPU one native call for
-    all of them (matrices spread over the threads, one fork/join), the rest one by one in torch."""
-    lib = _kernels.lib() if any(sp.owner.is_cpu for sp in specs) else None
-    desc = array("q")
-    for spec, sc in zip(specs, scales):
-        if lib is None or not _apply_segments(spec, sc.r, sc.c, direction, desc):
-            _apply_torch(spec, sc, direction, step_size, weight_decay, extra_scale)
-    if desc:
-        total = sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), 8))
-        lib.sk_apply_many(len(desc) // 8, _addr(desc), 1.0 - step_size * weight_decay, step_size * extra_scale,
-                          1 if weight_decay else 0, _kernels.num_threads(total))
+    """:func:`apply_scaled_update_` for many matrices with the same step size (see :meth:`MatrixBatch.apply_`)."""
+    MatrixBatch(specs, direction, scales).apply_(step_size, weight_decay, extra_scale)
 
 
 def _apply_torch(spec: MatrixSpec, scales: Scales, direction: Direction, step_size: float, weight_decay: float,

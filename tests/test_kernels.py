@@ -16,7 +16,14 @@ import torch
 
 from sinkgd_ds import kernels
 from sinkgd_ds.layout import Fragment, MatrixSpec, RowBlocks, dense_spec
-from sinkgd_ds.sinkhorn import CommStats, apply_scaled_update_, apply_scaled_updates_, normalize_scales
+from sinkgd_ds.optim.base import grad_of
+from sinkgd_ds.sinkhorn import (
+    CommStats,
+    MatrixBatch,
+    apply_scaled_update_,
+    apply_scaled_updates_,
+    normalize_scales,
+)
 
 from .reference import sr_sinkhorn, sr_sinkhorn_blocks
 
@@ -283,3 +290,55 @@ def test_batched_apply_equals_one_by_one(weight_decay):
             assert rel_err(batched.double() - w.double(), ref.double() - w.double()) <= 1e-5
         else:
             assert (batched.double() - ref.double()).abs().max() <= 2 * 2**-8 * w.double().abs().max()
+
+
+def test_reused_batch_follows_moved_and_changed_tensors():
+    """An optimizer keeps one MatrixBatch across steps and only re-checks tensor addresses. Whatever moves
+    between steps (gradients reallocated or recast, a weight swapped via .data, the kernels switched off,
+    the thread count changed), each step must equal a fresh single-use computation of the same step."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(96, 64), (7, 300), (64, 33)]
+
+    def fresh_grads(dtype=torch.float32):
+        return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+    ws = [torch.randn(s, generator=gen) for s in shapes]
+    refs = [w.clone() for w in ws]
+    specs = [dense_spec(w, f"w{i}") for i, w in enumerate(ws)]
+    batch = MatrixBatch(specs, grad_of)
+    sched = ("row", "col") * 2
+
+    def step_both(note: str) -> None:
+        for w, ref in zip(ws, refs):
+            ref.grad = w.grad
+        ref_specs = [dense_spec(r, f"r{i}") for i, r in enumerate(refs)]
+        scales = normalize_scales(ref_specs, grad_of, sched)  # fresh descriptors, nothing cached
+        apply_scaled_updates_(ref_specs, scales, grad_of, 0.01, 0.1)
+        batch.normalize(sched)
+        batch.apply_(0.01, 0.1, recheck=False)
+        for w, ref in zip(ws, refs):
+            assert torch.equal(w, ref), note
+
+    for w, g in zip(ws, fresh_grads()):
+        w.grad = g
+    step_both("first step")
+    step_both("same tensors again")
+    for w, g in zip(ws, fresh_grads()):  # zero_grad(set_to_none=True) + backward: new gradient tensors
+        w.grad = g
+    step_both("reallocated gradients")
+    for w, ref in zip(ws, refs):  # (as ZeRO's fp32 master weights with bf16 gradients)
+        w.grad_dtype = ref.grad_dtype = None
+    for w, g in zip(ws, fresh_grads(torch.bfloat16)):
+        w.grad = g
+    step_both("bf16 gradients")
+    for w, g in zip(ws, fresh_grads()):
+        w.grad = g
+    moved = ws[1].detach().clone()
+    ws[1].data = moved  # same Parameter object, new storage
+    step_both("weight storage swapped")
+    with threads(1):
+        step_both("one thread")
+    with torch_path():
+        step_both("kernels off")
+    step_both("kernels on again")
+    assert batch._native_norm is not None and len(batch._native_norm.index) == len(shapes)

@@ -87,5 +87,5 @@ class SCALE(MatrixOptimizer):
             st[HEAD_STATE].lerp_(p.grad.to(p.dtype), 1.0 - beta)
         group_plan = prepare_normalized(self, {**group, "params": [p for p in group["params"] if p.grad is not None]},
                                         ("row",), direction=self._momentum)
-        apply_normalized(group, group_plan, step_size, direction=self._momentum)
+        apply_normalized(group, group_plan, step_size)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import hparams as hp
-from ..sinkhorn import apply_scaled_updates_, normalize_scales
 from .base import ADAMW, MatrixOptimizer, grad_of, has_grad
 
 SINKGD = "sinkgd"
@@ -22,17 +21,20 @@ SINKGD = "sinkgd"
 
 def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, direction=grad_of) -> dict[str, Any]:
     """Run the engine on every matrix of ``group`` with ``schedule``; shared by SinkGD and SCALE."""
-    specs = [s for s in opt.matrix_specs(group) if not s.is_local or has_grad(s)]
-    for s in specs:
-        if not has_grad(s):
+    specs = []
+    for s in opt.matrix_specs(group):
+        if has_grad(s):
+            specs.append(s)
+        elif not s.is_local:  # its sums need this rank, gradient or not
             raise RuntimeError(f"{opt._where}: sharded matrix {s.name!r} has no gradient on this rank")
-    scales = normalize_scales(specs, direction, schedule, opt.last_comm)
-    return {"specs": specs, "scales": scales, "nonfinite": not all(s.finite for s in scales)}
+    batch = opt.matrix_batch(specs, direction)
+    scales = batch.normalize(schedule, opt.last_comm)
+    return {"specs": specs, "batch": batch, "nonfinite": not all(s.finite for s in scales)}
 
 
-def apply_normalized(group: dict[str, Any], plan: dict[str, Any], step_size: float, direction=grad_of) -> None:
+def apply_normalized(group: dict[str, Any], plan: dict[str, Any], step_size: float) -> None:
     """Write every matrix's update (one native call for the whole group on CPU)."""
-    apply_scaled_updates_(plan["specs"], plan["scales"], direction, step_size, group["weight_decay"])
+    plan["batch"].apply_(step_size, group["weight_decay"], recheck=False)
 
 
 class SinkGD(MatrixOptimizer):
