@@ -1,19 +1,25 @@
 """Optimizer-step benchmark on LLaMA-60M-shaped matrices, all optimizers side by side in one run.
 
-Prints, per optimizer, the min-of-N step time, its ratio to torch's fused AdamW, the median of the
-per-round ratios (each round times every optimizer once, back to back, so a noisy moment hits all of
-them), the persistent state and the transient memory of a step (VmHWM above the pre-step RSS, Linux).
+Each round times every optimizer once, in a shuffled order, so a noisy moment of the (shared) host
+hits all of them alike. Prints, per optimizer:
+  * the min-of-N step time and its ratio to the min-of-N of torch's fused AdamW;
+  * the median of the per-round ratios (each optimizer's step divided by the AdamW step of the same
+    round, taken milliseconds apart) and their quartiles. On a VM whose memory bandwidth is shared
+    with other tenants the two minima are often taken minutes apart under different load, so the
+    paired median is the steadier of the two numbers; both are printed and both are judged;
+  * the persistent state and the transient memory of a step (VmHWM above the pre-step RSS, Linux).
 Targets from the issue: SinkGD L=5 <= 1.25x and L=1 <= 0.6x fused AdamW (the one-pass byte budget
 allows ~1.14x). ``sinkgd_L*_torch`` rows run the same optimizer with the native kernels switched off
 (the pure-torch reference path of sinkgd_ds.sinkhorn).
 
-    python benchmarks/step_benchmark.py [--layers 2] [--reps 7] [--threads 2] [--no-torch-path]
+    python benchmarks/step_benchmark.py [--layers 2] [--reps 31] [--threads 2] [--no-torch-path]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import random
 import statistics
 import time
 
@@ -69,7 +75,7 @@ def make(name: str, params):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=31)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch-path", action="store_true", help="skip the sinkgd_L*_torch rows")
     args = ap.parse_args()
@@ -93,8 +99,11 @@ def main() -> None:
         step(n)
     times: dict[str, list[float]] = {n: [] for n in names}
     transient = {n: 0 for n in names}
+    order = list(names)
+    shuffle = random.Random(0).shuffle
     for _ in range(args.reps):  # interleaved, so machine noise hits every optimizer alike
-        for n in names:
+        shuffle(order)
+        for n in order:
             gc.collect()
             base = status_kib("VmRSS")
             reset_hwm()
@@ -103,19 +112,26 @@ def main() -> None:
             times[n].append(time.perf_counter() - t)
             transient[n] = max(transient[n], status_kib("VmHWM") - base)
     best = {n: min(ts) for n, ts in times.items()}
-    ratio = {n: statistics.median(a / b for a, b in zip(times[n], times["adamw_fused"])) for n in names}
+    paired = {n: [a / b for a, b in zip(times[n], times["adamw_fused"])] for n in names}
+    ratio = {n: statistics.median(r) for n, r in paired.items()}
+    quart = {n: statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3 for n, r in paired.items()}
     ref = best["adamw_fused"]
     print(f"{numel / 1e6:.1f}M params in {len(params[names[0]])} LLaMA-60M-shaped matrices, "
           f"{args.threads} threads, min of {args.reps}; native kernels: {'yes' if have_kernels else 'NO'}")
-    header = ("optimizer", "ms/step", "ns/param", "x fused AdamW", "median ratio", "state MiB", "transient MiB")
-    print(f"{header[0]:<17}{header[1]:>9}{header[2]:>10}{header[3]:>15}{header[4]:>14}{header[5]:>11}{header[6]:>15}")
+    header = ("optimizer", "ms/step", "ns/param", "x fused AdamW", "median ratio", "quartiles", "state MiB",
+              "transient MiB")
+    print(f"{header[0]:<17}{header[1]:>9}{header[2]:>10}{header[3]:>15}{header[4]:>14}{header[5]:>13}{header[6]:>11}"
+          f"{header[7]:>15}")
     for n in names:
         state = sum(t.numel() * t.element_size() for st in opts[n].state.values() for t in st.values()
                     if torch.is_tensor(t))
+        q = f"{quart[n][0]:.2f}-{quart[n][2]:.2f}"
         print(f"{n:<17}{best[n] * 1e3:>9.2f}{best[n] / numel * 1e9:>10.2f}{best[n] / ref:>15.2f}{ratio[n]:>14.2f}"
-              f"{state / 2**20:>11.1f}{transient[n] / 1024:>15.1f}")
-    print(f"targets (min-of-N ratio): sinkgd_L5 <= 1.25x ({'met' if best['sinkgd_L5'] <= 1.25 * ref else 'NOT met'}), "
-          f"sinkgd_L1 <= 0.60x ({'met' if best['sinkgd_L1'] <= 0.6 * ref else 'NOT met'})")
+              f"{q:>13}{state / 2**20:>11.1f}{transient[n] / 1024:>15.1f}")
+    for n, target in (("sinkgd_L5", 1.25), ("sinkgd_L1", 0.6)):
+        verdict = [f"{label} {value:.2f}x {'met' if value <= target else 'NOT met'}"
+                   for label, value in (("min-of-N", best[n] / ref), ("paired median", ratio[n]))]
+        print(f"target {n} <= {target:.2f}x fused AdamW: {'; '.join(verdict)}")
 
 
 if __name__ == "__main__":
