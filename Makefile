@@ -23,6 +23,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/step_benchmark.py
+	$(PY) benchmarks/step_breakdown.py
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache
