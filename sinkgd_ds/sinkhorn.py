@@ -166,11 +166,15 @@ def _native_normalize(items: list[tuple[int, MatrixSpec, torch.Tensor, int, Scal
     return _NativeNormalize([it[0] for it in items], desc, row_targets, runs, targets, bad, _kernels.num_threads(total))
 
 
+def _kernel_vectors(r: torch.Tensor, c: torch.Tensor) -> bool:
+    """The kernels read and write r and c through raw pointers: contiguous CPU fp32 only."""
+    return r.is_cpu and c.is_cpu and r.dtype == c.dtype == torch.float32 and r.is_contiguous() and c.is_contiguous()
+
+
 def _owns_scales(spec: MatrixSpec, sc: Scales) -> bool:
-    """The kernels write r and c in place: they must be contiguous CPU fp32 of exactly the right size."""
+    """The normalisation kernel writes r and c in place: kernel vectors of exactly the spec's sizes."""
     m, n = spec.shape
-    return all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in (sc.r, sc.c)) \
-        and sc.r.numel() == m and sc.c.numel() == spec.blocks.count * n
+    return _kernel_vectors(sc.r, sc.c) and sc.r.numel() == m and sc.c.numel() == spec.blocks.count * n
 
 
 def _addr(buf: array) -> int:
@@ -419,8 +423,7 @@ def _apply_segments(spec: MatrixSpec, r: torch.Tensor, c: torch.Tensor, directio
     """Append the native update descriptors of ``spec`` to ``desc``; False (nothing appended) when the
     kernels do not take these tensors."""
     m, n = spec.shape
-    if not (spec.segments and r.is_cpu and r.dtype == c.dtype == torch.float32 and r.is_contiguous()
-            and c.is_contiguous() and r.numel() >= m and c.numel() >= spec.blocks.count * n):
+    if not (spec.segments and _kernel_vectors(r, c) and r.numel() >= m and c.numel() >= spec.blocks.count * n):
         return False  # (the torch path reports misuse)
     frags = []
     codes = _kernels.DTYPE_CODES
