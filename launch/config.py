@@ -7,6 +7,7 @@ value and what is allowed (with the closest known key for typos).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import json
@@ -241,6 +242,16 @@ def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batc
             ds[mon].setdefault("job_name", mon)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def add_run_control_args(ap: argparse.ArgumentParser) -> None:
+    """The options every main-job entry shares: resuming, restarting, stopping early, output."""
+    ap.add_argument("--overwrite", action="store_true", help="delete --out first (a fresh run in the same place)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--stop_at_step", type=int, default=None,
+                    help="behave as if SIGTERM arrived after this step (checkpoint + exit); for tests")
+    ap.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
+    ap.add_argument("--summary_json", default=None, help="also write the summary here (default <out>/summary.json)")
 
 
 def check_stop_at_step(stop_at_step: int | None, steps: int) -> None:

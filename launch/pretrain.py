@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from launch.config import (  # noqa: E402
     ROOT,
+    add_run_control_args,
     check_stop_at_step,
     load_run_config,
     resolve_ds_config,
@@ -42,12 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--micro_batch", type=int, default=None, help="sets train_micro_batch_size_per_gpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights/activations (the papers' precision; GPU)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<model>-<optimizer>-zero<stage>)")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    ap.add_argument("--overwrite", action="store_true", help="delete --out first (a fresh run in the same place)")
-    ap.add_argument("--stop_at_step", type=int, default=None,
-                    help="behave as if SIGTERM arrived after this step (checkpoint + exit); for tests")
-    ap.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
-    ap.add_argument("--summary_json", default=None, help="also write the summary here (default <out>/summary.json)")
+    add_run_control_args(ap)
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return ap.parse_args(argv)
 

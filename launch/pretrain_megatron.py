@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from launch.config import (  # noqa: E402
     ROOT,
     ConfigError,
+    add_run_control_args,
     check_stop_at_step,
     load_run_config,
     run_entry,
@@ -54,14 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--use_distributed_optimizer", action="store_true", help="shard optimizer state / masters over DP")
     ap.add_argument("--bf16", action="store_true", help="bf16 model, fp32 masters (the papers' precision)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<model>-megatron-<optimizer>-tp<tp>)")
-    ap.add_argument("--overwrite", action="store_true", help="delete --out first")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_run_control_args(ap)
     ap.add_argument("--save_every", type=int, default=None,
                     help="checkpoint every N steps, 0 = only at the end / on a stop (default checkpoint.every)")
-    ap.add_argument("--stop_at_step", type=int, default=None,
-                    help="behave as if SIGTERM arrived after this step (checkpoint + exit); for tests")
-    ap.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
-    ap.add_argument("--summary_json", default=None, help="also write the summary here (default <out>/summary.json)")
     return ap.parse_args(argv)
 
 
