@@ -19,6 +19,7 @@ import torch.distributed as dist
 from .. import hparams as hp
 from ..layout import MatrixSpec, dense_spec
 from ..sinkhorn import CommStats, Direction, MatrixBatch, all_reduce_sum
+from .step_hooks import hooked_step
 
 log = logging.getLogger("sinkgd_ds")
 
@@ -234,7 +235,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         all_reduce_sum(flag, self._consensus_group)
         return bool(flag.item() > 0)
 
-    @torch.no_grad()
+    @hooked_step
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -242,7 +243,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.last_comm = CommStats()
         plans = [self._prepare(group) for group in self.param_groups]
-        bad = any(plan.get("nonfinite", False) for plan in plans)
+        bad = any([plan.get("nonfinite", False) for plan in plans])
         bad = self._agree(bad)
         self.last_step_skipped = bad
         if bad:
@@ -281,4 +282,9 @@ def grad_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def has_grad(spec: MatrixSpec) -> bool:
-    return all(f.tensor.grad is not None for f in spec.fragments) and spec.owner.grad is not None
+    if spec.owner.grad is None:
+        return False
+    for f in spec.fragments:  # (a loop, not all(<generator>): this runs for every matrix of every step)
+        if f.tensor.grad is None:
+            return False
+    return True
