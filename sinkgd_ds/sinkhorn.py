@@ -28,7 +28,7 @@ import functools
 import math
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -142,6 +142,14 @@ class _NativeNormalize:
     col_targets: array
     bad: array
     threads: int
+    head: tuple[int, ...] = field(init=False)  # the call's leading arguments: count and array addresses
+    bad_addr: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # the addresses, taken once (the arrays never change after this)
+        self.head = (len(self.index), _addr(self.desc), _addr(self.row_targets), _addr(self.runs),
+                     _addr(self.col_targets))
+        self.bad_addr = _addr(self.bad)
 
 
 def _native_normalize(items: list[tuple[int, MatrixSpec, torch.Tensor, int, Scales]]) -> _NativeNormalize:
@@ -258,25 +266,25 @@ class MatrixBatch:
         self._any_cpu = any(sp.owner.is_cpu for sp in self.specs)
         # every tensor the descriptors point into, once (a ZeRO partition holds the pieces of many matrices)
         self._tensors = tuple({id(f.tensor): f.tensor for sp in self.specs for f in sp.fragments}.values())
-        self._key: tuple | None = None
+        self._key: list | None = None
         self._checked = False  # normalize() validated the descriptors for the apply_() of the same step
         self._native_norm: _NativeNormalize | None = None
         self._torch_norm: list[int] = []
         self._apply_desc = array("q")
+        self._apply_head = (0, 0)
         self._apply_threads = 1
         self._torch_apply: list[int] = []
 
-    def _addresses(self, lib) -> tuple:
-        """Everything the descriptors depend on besides the specs (which are immutable)."""
+    def _addresses(self, lib) -> list:
+        """Everything the descriptors depend on besides the specs (which are immutable). Runs every step with
+        cold caches, so it is one flat loop (no closure or generator to create)."""
+        key: list = [lib is not None, torch.get_num_threads()]
         direction = self.direction
-
-        def tensor_key(t: torch.Tensor) -> tuple:
+        for t in self._tensors:
             g = direction(t)
-            if g is None:
-                return t.data_ptr(), t.dtype, t.numel(), None
-            return t.data_ptr(), t.dtype, t.numel(), g.data_ptr(), g.dtype, g.numel(), g.is_contiguous()
-
-        return (lib is not None, torch.get_num_threads(), *map(tensor_key, self._tensors))
+            key += (t.data_ptr(), t.dtype, t.numel(), None) if g is None else \
+                (t.data_ptr(), t.dtype, t.numel(), g.data_ptr(), g.dtype, g.numel(), g.is_contiguous())
+        return key
 
     def _refresh(self, lib) -> None:
         key = self._addresses(lib)
@@ -295,6 +303,7 @@ class MatrixBatch:
         self._torch_apply = [i for i, (spec, sc) in enumerate(zip(self.specs, self.scales))
                              if lib is None or not _apply_segments(spec, sc.r, sc.c, self.direction, desc)]
         self._apply_threads = _kernels.num_threads(sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), 8)))
+        self._apply_head = (len(desc) // 8, _addr(desc))
         self._key = key
 
     def normalize(self, schedule: Sequence[Half], stats: CommStats | None = None) -> list[Scales]:
@@ -309,9 +318,7 @@ class MatrixBatch:
         # roughly in reverse order, so that the update pass starts on gradients that are still in cache).
         nat = self._native_norm
         if nat is not None:
-            rc = lib.sk_normalize_many(len(nat.index), _addr(nat.desc), _addr(nat.row_targets), _addr(nat.runs),
-                                       _addr(nat.col_targets), sched, len(sched), nat.threads, _kernels.SPREAD,
-                                       _addr(nat.bad))
+            rc = lib.sk_normalize_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr)
             if rc < 0:
                 raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
             for i, flag in zip(nat.index, nat.bad):
@@ -331,9 +338,8 @@ class MatrixBatch:
         if recheck or not self._checked:
             self._refresh(lib)
         self._checked = False
-        desc = self._apply_desc
-        if desc:
-            lib.sk_apply_many(len(desc) // 8, _addr(desc), 1.0 - step_size * weight_decay, step_size * extra_scale,
+        if self._apply_desc:
+            lib.sk_apply_many(*self._apply_head, 1.0 - step_size * weight_decay, step_size * extra_scale,
                               1 if weight_decay else 0, self._apply_threads)
         for i in self._torch_apply:
             _apply_torch(self.specs[i], self.scales[i], self.direction, step_size, weight_decay, extra_scale)

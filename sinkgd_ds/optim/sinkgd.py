@@ -29,7 +29,7 @@ def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, di
             raise RuntimeError(f"{opt._where}: sharded matrix {s.name!r} has no gradient on this rank")
     batch = opt.matrix_batch(specs, direction)
     scales = batch.normalize(schedule, opt.last_comm)
-    return {"specs": specs, "batch": batch, "nonfinite": not all(s.finite for s in scales)}
+    return {"specs": specs, "batch": batch, "nonfinite": not all([s.finite for s in scales])}
 
 
 def apply_normalized(group: dict[str, Any], plan: dict[str, Any], step_size: float) -> None:
