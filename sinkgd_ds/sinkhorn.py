@@ -345,6 +345,32 @@ class MatrixBatch:
             _apply_torch(self.specs[i], self.scales[i], self.direction, step_size, weight_decay, extra_scale)
 
 
+    def step_(self, schedule: Sequence[Half], step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
+              stats: CommStats | None = None) -> bool:
+        """:meth:`normalize`, then :meth:`apply_` only if every matrix's sums are finite; returns whether it applied.
+
+        For a caller whose verdict is complete with this batch's (nothing after it can veto the step). When
+        every matrix runs natively this is ONE native call: no Python and no thread wake-up between the passes.
+        """
+        sched = _check_schedule(tuple(schedule))
+        lib = _kernels.lib() if self._any_cpu else None
+        self._refresh(lib)
+        nat = self._native_norm
+        if nat is None or self._torch_norm or self._torch_apply:
+            if not all([s.finite for s in self.normalize(schedule, stats)]):
+                return False
+            self.apply_(step_size, weight_decay, extra_scale, recheck=False)
+            return True
+        rc = lib.sk_step_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr,
+                              *self._apply_head, 1.0 - step_size * weight_decay, step_size * extra_scale,
+                              1 if weight_decay else 0, self._apply_threads)
+        if rc < 0:
+            raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
+        for i, flag in zip(nat.index, nat.bad):
+            self.scales[i].finite = flag == 0
+        return rc == 0
+
+
 def normalize_scales(
     specs: Sequence[MatrixSpec],
     direction: Direction,

@@ -342,3 +342,63 @@ def test_reused_batch_follows_moved_and_changed_tensors():
         step_both("kernels off")
     step_both("kernels on again")
     assert batch._native_norm is not None and len(batch._native_norm.index) == len(shapes)
+
+
+def _step_fixture(seed: int, gdtypes, blocks=None):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(96, 64), (7, 300), (64, 33), (12, 9)]
+    ws, specs = [], []
+    for i, (s, gdt) in enumerate(zip(shapes, gdtypes)):
+        w = torch.randn(s, generator=gen)
+        w.grad_dtype = None  # (as ZeRO's fp32 master weights with bf16 gradients)
+        w.grad = torch.randn(s, generator=gen).to(gdt)
+        ws.append(w)
+        specs.append(dense_spec(w, f"w{i}", blocks if blocks is not None and s[0] == 12 else None))
+    return ws, specs
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("gdtypes", [[torch.float32] * 4,
+                                     [torch.bfloat16, torch.float32, torch.float16, torch.float32]])
+def test_one_call_step_equals_normalize_then_apply(kernels_on, gdtypes):
+    """MatrixBatch.step_ (one native call when every matrix runs natively; an fp16 gradient takes the torch
+    path, so the second case mixes both) writes exactly what normalize() + apply_() write."""
+    blocks = RowBlocks(((0, 4, 0), (4, 12, 1)), (4, 8))
+    ws, specs = _step_fixture(3, gdtypes, blocks)
+    refs, ref_specs = _step_fixture(3, gdtypes, blocks)
+    sched = ("row", "col") * 3
+    prev = kernels.set_enabled(kernels_on)
+    try:
+        for _ in range(2):  # the second step reuses the batch's descriptors
+            ref_batch = MatrixBatch(ref_specs, grad_of)
+            assert all(s.finite for s in ref_batch.normalize(sched))
+            ref_batch.apply_(0.01, 0.1, recheck=False)
+            batch = MatrixBatch(specs, grad_of)
+            assert batch.step_(sched, 0.01, 0.1) is True
+            assert all(s.finite for s in batch.scales)
+            for w, ref in zip(ws, refs):
+                assert torch.equal(w, ref)
+        one_call = batch._native_norm is not None and not batch._torch_norm and not batch._torch_apply
+        assert one_call == (kernels_on and torch.float16 not in gdtypes)
+    finally:
+        kernels.set_enabled(prev)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_call_step_writes_nothing_on_a_non_finite_gradient(kernels_on, bad):
+    ws, specs = _step_fixture(5, [torch.float32] * 4)
+    ws[2].grad[10, 7] = bad  # a matrix in the middle: the others are clean, and none may be written
+    before = [w.clone() for w in ws]
+    prev = kernels.set_enabled(kernels_on)
+    try:
+        batch = MatrixBatch(specs, grad_of)
+        assert batch.step_(("row", "col"), 0.01) is False
+        assert [s.finite for s in batch.scales] == [True, True, False, True]
+        for w, b in zip(ws, before):
+            assert torch.equal(w, b)
+        ws[2].grad[10, 7] = 0.0
+        assert batch.step_(("row", "col"), 0.01) is True
+        assert all(not torch.equal(w, b) for w, b in zip(ws, before))
+    finally:
+        kernels.set_enabled(prev)

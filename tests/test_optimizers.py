@@ -245,3 +245,58 @@ def test_swan_whitens_fused_blocks_separately():
         want[rows] = swan(w.grad[rows], 5)
     assert close(w, init - want, 1e-5)
     assert not close(w, init - swan(w.grad, 5), 1e-2)  # whitening the fused matrix whole is different
+
+
+class _CountingGroup:
+    """A stand-in process group (one rank): all_reduce leaves the tensor as it is, and counts the calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def all_reduce(self, t):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("cls", [SinkGD, SCALE])
+@pytest.mark.parametrize("bad_name", ["norm.weight", "down.weight"])
+def test_last_group_applies_with_its_verdict_only_when_nothing_can_veto(cls, bad_name, monkeypatch):
+    """The last param group may write its update in the same native call that computes its verdict, but only
+    when every earlier group was clean and no other rank has a say. Run side by side: alone (that one-call
+    path) and with a consensus group (a stand-in for other ranks: the two-phase path). Both must write the
+    same bits, and a non-finite gradient, in an earlier group or in the last one, still changes nothing."""
+    from sinkgd_ds.sinkhorn import MatrixBatch
+
+    calls = []
+    real = MatrixBatch.step_
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(self.specs))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MatrixBatch, "step_", counted)
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)  # so the consensus group is used
+    names = ["norm.weight", "up.weight", "down.weight"]  # an AdamW group, then the matrices (the last group)
+    runs = {}
+    for consensus in (False, True):
+        torch.manual_seed(0)
+        params = dict(TinyLM().named_parameters())
+        opt = cls([(n, params[n]) for n in names], lr=0.01)
+        assert [g["kind"] for g in opt.param_groups] == ["adamw", cls.MATRIX_KINDS[0]]
+        group = _CountingGroup()
+        opt.set_layout((), consensus_group=group if consensus else None)
+        calls.clear()
+        for step, g in enumerate(random_grads(TinyLM(), 3)):
+            for n in names:
+                params[n].grad = g[n].clone()
+            if step == 2:
+                params[bad_name].grad.view(-1)[1] = float("nan")
+                before = {n: params[n].detach().clone() for n in names}
+            opt.step()
+            assert opt.last_step_skipped == (step == 2)
+        assert all(torch.equal(params[n], before[n]) for n in names)
+        # one-call steps: both clean ones, and the bad one whose NaN sits in the last group
+        assert calls == ([] if consensus else [2, 2] + ([2] if bad_name == "down.weight" else []))
+        assert group.calls == (3 if consensus else 0)
+        runs[consensus] = before
+    for n in names:
+        assert torch.equal(runs[False][n], runs[True][n]), n

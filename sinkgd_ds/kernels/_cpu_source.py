@@ -341,7 +341,7 @@ static void apply_impl(typename WT::T* W, const typename GT::T* G, i64 rows, i64
 // dtype codes: 0 = float32, 1 = bfloat16
 extern "C" {
 
-int sk_abi_version() { return 4; }
+int sk_abi_version() { return 5; }
 
 int sk_has_openmp() {
 #ifdef _OPENMP
@@ -449,6 +449,18 @@ int sk_apply_many(i64 count, const i64* d, float decay, float alpha, int use_dec
                        (const float*)e[7], decay, alpha, use_decay, 1);
     }
     return rc;
+}
+
+// A whole step that nothing else can veto: sk_normalize_many, then sk_apply_many only if no matrix had non-finite
+// sums, with no return to Python in between (the thread team is still awake for the second pass). Returns -1 on
+// an unknown dtype, 1 when some sum was non-finite (no weight written; bad says which), 0 when applied.
+int sk_step_many(i64 count, const i64* desc, const float* rt, const i64* runs, const float* ct, const uint8_t* sched,
+                 i64 ns, int nt, int spread, int* bad, i64 acount, const i64* adesc, float decay, float alpha,
+                 int use_decay, int ant) {
+    if (sk_normalize_many(count, desc, rt, runs, ct, sched, ns, nt, spread, bad) < 0) return -1;
+    for (i64 k = 0; k < count; ++k)
+        if (bad[k]) return 1;
+    return sk_apply_many(acount, adesc, decay, alpha, use_decay, ant) ? -1 : 0;
 }
 
 }  // extern "C"

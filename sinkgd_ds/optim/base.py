@@ -242,8 +242,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.last_comm = CommStats()
-        plans = [self._prepare(group) for group in self.param_groups]
-        bad = any([plan.get("nonfinite", False) for plan in plans])
+        # The last group's verdict completes the step's when every earlier one is clean and no other rank has a
+        # say; that group may then write its update in the same pass (plan["applied"]), e.g. one native call.
+        alone = self._consensus_group is None or not dist.is_initialized()
+        last = len(self.param_groups) - 1
+        plans: list[dict[str, Any]] = []
+        bad = False
+        for i, group in enumerate(self.param_groups):
+            plans.append(self._prepare(group, final=alone and i == last and not bad))
+            bad = bad or plans[-1].get("nonfinite", False)
         bad = self._agree(bad)
         self.last_step_skipped = bad
         if bad:
@@ -252,15 +259,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
                         self._where, self.skipped_steps)
             return loss
         for group, plan in zip(self.param_groups, plans):
-            self._apply(group, plan)
+            if not plan.get("applied", False):
+                self._apply(group, plan)
         return loss
 
-    def _prepare(self, group: dict[str, Any]) -> dict[str, Any]:
-        """Phase 1 (collectives allowed, no writes): statistics and the non-finite verdict."""
+    def _prepare(self, group: dict[str, Any], final: bool = False) -> dict[str, Any]:
+        """Phase 1 (collectives allowed, no writes): statistics and the non-finite verdict. ``final``: this
+        verdict completes the step's and every earlier one was clean, so a clean group may already write its
+        update (and say so with ``"applied": True``); a non-finite one must write nothing."""
         if group["kind"] == ADAMW:
             params = self._adamw_prepare(group)
             return {"params": params, "nonfinite": self._local_nonfinite(p.grad for p in params)}
-        return self._prepare_matrices(group)
+        return self._prepare_matrices(group, final)
 
     def _apply(self, group: dict[str, Any], plan: dict[str, Any]) -> None:
         """Phase 2 (only when every rank agreed the step is finite): write weights and state."""
@@ -269,7 +279,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         else:
             self._apply_matrices(group, plan)
 
-    def _prepare_matrices(self, group: dict[str, Any]) -> dict[str, Any]:
+    def _prepare_matrices(self, group: dict[str, Any], final: bool = False) -> dict[str, Any]:
         raise NotImplementedError
 
     def _apply_matrices(self, group: dict[str, Any], plan: dict[str, Any]) -> None:

@@ -65,12 +65,12 @@ class SCALE(MatrixOptimizer):
     def _momentum(self, t):
         return self.state[t][HEAD_STATE]
 
-    def _prepare_matrices(self, group):
+    def _prepare_matrices(self, group, final=False):
         if group["kind"] == SCALE_HEAD:  # normalised after the momentum update, in _apply_matrices
             specs = self.matrix_specs(group)
             return {"specs": specs, "nonfinite": self._local_nonfinite(p.grad for p in group["params"])}
         schedule = ("col",) if group["kind"] == SCALE_EMBED else ("row",)
-        return prepare_normalized(self, group, schedule)
+        return prepare_normalized(self, group, schedule, step_size=group["lr"] * group["lr_scale"] if final else None)
 
     def _apply_matrices(self, group, plan):
         step_size = group["lr"] * group["lr_scale"]

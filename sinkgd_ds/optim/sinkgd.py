@@ -19,8 +19,10 @@ from .base import ADAMW, MatrixOptimizer, grad_of, has_grad
 SINKGD = "sinkgd"
 
 
-def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, direction=grad_of) -> dict[str, Any]:
-    """Run the engine on every matrix of ``group`` with ``schedule``; shared by SinkGD and SCALE."""
+def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, direction=grad_of,
+                       step_size: float | None = None) -> dict[str, Any]:
+    """Run the engine on every matrix of ``group``; shared by SinkGD and SCALE. With ``step_size`` (the caller's
+    verdict is final, see MatrixOptimizer._prepare) a clean group is also updated, in the same native call."""
     specs = []
     for s in opt.matrix_specs(group):
         if has_grad(s):
@@ -28,6 +30,9 @@ def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, di
         elif not s.is_local:  # its sums need this rank, gradient or not
             raise RuntimeError(f"{opt._where}: sharded matrix {s.name!r} has no gradient on this rank")
     batch = opt.matrix_batch(specs, direction)
+    if step_size is not None:
+        applied = batch.step_(schedule, step_size, group["weight_decay"], stats=opt.last_comm)
+        return {"specs": specs, "batch": batch, "nonfinite": not applied, "applied": applied}
     scales = batch.normalize(schedule, opt.last_comm)
     return {"specs": specs, "batch": batch, "nonfinite": not all([s.finite for s in scales])}
 
@@ -61,8 +66,9 @@ class SinkGD(MatrixOptimizer):
         if key == "sinkhorn_iters":
             hp.int_at_least(where, key, value, 1)
 
-    def _prepare_matrices(self, group):
-        return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"])
+    def _prepare_matrices(self, group, final=False):
+        step_size = group["lr"] * group["lr_scale"] if final else None
+        return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"], step_size=step_size)
 
     def _apply_matrices(self, group, plan):
         apply_normalized(group, plan, group["lr"] * group["lr_scale"])

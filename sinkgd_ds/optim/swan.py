@@ -87,7 +87,7 @@ class SWAN(MatrixOptimizer):
         if key == "ns_steps":
             hp.int_at_least(where, key, value, 1)
 
-    def _prepare_matrices(self, group):
+    def _prepare_matrices(self, group, final=False):  # (whitening needs the whole matrix: always two phases)
         specs = [s for s in self.matrix_specs(group) if not s.is_local or has_grad(s)]
         for s in specs:
             if s.row_group is not None or s.col_group is not None:
