@@ -62,3 +62,10 @@ def betas_pair(where: str, key: str, value: Any) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"{where}: {key}={value!r} must be a pair (beta1, beta2), each in [0, 1)")
     return (unit_interval(where, f"{key}[0]", value[0]), unit_interval(where, f"{key}[1]", value[1]))
+
+
+def one_of(where: str, key: str, value: Any, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{where}: {key}={value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
+    return value

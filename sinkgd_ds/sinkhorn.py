@@ -272,6 +272,7 @@ class MatrixBatch:
         self._torch_norm: list[int] = []
         self._apply_desc = array("q")
         self._apply_head = (0, 0)
+        self._segment_starts: array | None = None  # per-matrix update segments, when every matrix runs natively
         self._apply_threads = 1
         self._torch_apply: list[int] = []
 
@@ -300,8 +301,15 @@ class MatrixBatch:
         native = {it[0] for it in local}
         self._torch_norm = [i for i in range(len(self.specs)) if i not in native]
         desc = self._apply_desc = array("q")
-        self._torch_apply = [i for i, (spec, sc) in enumerate(zip(self.specs, self.scales))
-                             if lib is None or not _apply_segments(spec, sc.r, sc.c, self.direction, desc)]
+        starts = array("q")  # matrix i's update segments are desc rows [starts[i], starts[i + 1])
+        self._torch_apply = []
+        for i, (spec, sc) in enumerate(zip(self.specs, self.scales)):
+            starts.append(len(desc) // 8)
+            if lib is None or not _apply_segments(spec, sc.r, sc.c, self.direction, desc):
+                self._torch_apply.append(i)
+        starts.append(len(desc) // 8)
+        all_native = bool(local) and len(local) == len(self.specs) and not self._torch_apply
+        self._segment_starts = starts if all_native else None
         self._apply_threads = _kernels.num_threads(sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), 8)))
         self._apply_head = (len(desc) // 8, _addr(desc))
         self._key = key
@@ -346,24 +354,37 @@ class MatrixBatch:
 
 
     def step_(self, schedule: Sequence[Half], step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
-              stats: CommStats | None = None) -> bool:
-        """:meth:`normalize`, then :meth:`apply_` only if every matrix's sums are finite; returns whether it applied.
+              stats: CommStats | None = None, per_matrix: bool = False) -> bool:
+        """Normalise and update in one go, for a caller whose verdict is complete with this batch's (nothing after
+        it can veto the step). Returns whether every matrix was updated; ``scales[i].finite`` says which were not.
 
-        For a caller whose verdict is complete with this batch's (nothing after it can veto the step). When
-        every matrix runs natively this is ONE native call: no Python and no thread wake-up between the passes.
+        ``per_matrix=False``: :meth:`normalize`, then :meth:`apply_` only if every matrix's sums are finite
+        (otherwise nothing is written). ``per_matrix=True``: each matrix with finite sums is updated, the others
+        are left as they are; each matrix is updated right after its own normalisation, while its G is still in
+        cache, so G is read from DRAM once instead of twice. When every matrix runs natively either is ONE
+        native call: no Python and no thread wake-up between the passes.
         """
         sched = _check_schedule(tuple(schedule))
         lib = _kernels.lib() if self._any_cpu else None
         self._refresh(lib)
         nat = self._native_norm
-        if nat is None or self._torch_norm or self._torch_apply:
-            if not all([s.finite for s in self.normalize(schedule, stats)]):
-                return False
-            self.apply_(step_size, weight_decay, extra_scale, recheck=False)
-            return True
-        rc = lib.sk_step_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr,
-                              *self._apply_head, 1.0 - step_size * weight_decay, step_size * extra_scale,
-                              1 if weight_decay else 0, self._apply_threads)
+        decay, alpha, use_decay = 1.0 - step_size * weight_decay, step_size * extra_scale, 1 if weight_decay else 0
+        if nat is None or self._segment_starts is None:
+            scales = self.normalize(schedule, stats)
+            if all([s.finite for s in scales]):
+                self.apply_(step_size, weight_decay, extra_scale, recheck=False)
+                return True
+            if per_matrix:  # (rare: a non-finite step of a batch the kernels do not fully cover)
+                clean = [i for i, sc in enumerate(scales) if sc.finite]
+                MatrixBatch([self.specs[i] for i in clean], self.direction,
+                            [scales[i] for i in clean]).apply_(step_size, weight_decay, extra_scale)
+            return False
+        if per_matrix:
+            rc = lib.sk_fused_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr,
+                                   _addr(self._segment_starts), self._apply_head[1], decay, alpha, use_decay)
+        else:
+            rc = lib.sk_step_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr,
+                                  *self._apply_head, decay, alpha, use_decay, self._apply_threads)
         if rc < 0:
             raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
         for i, flag in zip(nat.index, nat.bad):

@@ -402,3 +402,38 @@ def test_one_call_step_writes_nothing_on_a_non_finite_gradient(kernels_on, bad):
         assert all(not torch.equal(w, b) for w, b in zip(ws, before))
     finally:
         kernels.set_enabled(prev)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("gdtypes", [[torch.float32] * 4,
+                                     [torch.bfloat16, torch.float32, torch.float16, torch.float32]])
+@pytest.mark.parametrize("bad_at", [None, 0, 2])
+def test_per_matrix_step_updates_exactly_the_clean_matrices(kernels_on, gdtypes, bad_at):
+    """step_(per_matrix=True) (one fused native call when the kernels cover every matrix: each matrix updated
+    right after its own normalisation) leaves a matrix with a non-finite gradient as it is and updates every
+    other one exactly as normalize() + apply_() of those alone would."""
+    blocks = RowBlocks(((0, 4, 0), (4, 12, 1)), (4, 8))
+    ws, specs = _step_fixture(7, gdtypes, blocks)
+    refs, ref_specs = _step_fixture(7, gdtypes, blocks)
+    if bad_at is not None:
+        ws[bad_at].grad.view(-1)[5] = float("nan")
+    before = [w.clone() for w in ws]
+    sched = ("row", "col") * 2
+    prev = kernels.set_enabled(kernels_on)
+    try:
+        clean = [i for i in range(4) if i != bad_at]
+        ref_batch = MatrixBatch([ref_specs[i] for i in clean], grad_of)
+        ref_batch.normalize(sched)
+        ref_batch.apply_(0.01, 0.1, recheck=False)
+        batch = MatrixBatch(specs, grad_of)
+        assert batch.step_(sched, 0.01, 0.1, per_matrix=True) is (bad_at is None)
+        assert [s.finite for s in batch.scales] == [i != bad_at for i in range(4)]
+        for i in range(4):
+            if i == bad_at:
+                assert torch.equal(ws[i], before[i])
+            else:
+                assert torch.equal(ws[i], refs[i]), i
+        fused = batch._segment_starts is not None
+        assert fused == (kernels_on and torch.float16 not in gdtypes)
+    finally:
+        kernels.set_enabled(prev)

@@ -300,3 +300,50 @@ def test_last_group_applies_with_its_verdict_only_when_nothing_can_veto(cls, bad
         runs[consensus] = before
     for n in names:
         assert torch.equal(runs[False][n], runs[True][n]), n
+
+
+@pytest.mark.parametrize("bad_name", [None, "up.weight", "down.weight", "norm.weight", "embed_tokens.weight"])
+def test_nonfinite_matrix_mode_leaves_exactly_the_bad_parameter(bad_name, caplog):
+    """SinkGD(nonfinite="matrix"): a parameter whose gradient is non-finite keeps its weights and state; every
+    other one steps exactly as the default optimizer steps them when that parameter has no gradient at all."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    torch.manual_seed(0)
+    ref_model = TinyLM()
+    opt = SinkGD(model.named_parameters(), nonfinite="matrix")
+    ref = SinkGD(ref_model.named_parameters())
+    params, ref_params = dict(model.named_parameters()), dict(ref_model.named_parameters())
+    grads = random_grads(model, 3)
+    for step, g in enumerate(grads):
+        for n in params:
+            params[n].grad = g[n].clone()
+            ref_params[n].grad = g[n].clone()
+        if step == 2 and bad_name is not None:
+            params[bad_name].grad.view(-1)[2] = float("inf")
+            ref_params[bad_name].grad = None
+            before = params[bad_name].detach().clone()
+            state = {k: v.clone() for k, v in opt.state[params[bad_name]].items()}
+        with caplog.at_level("WARNING", logger="sinkgd_ds"):
+            opt.step()
+        ref.step()
+        for n in params:
+            assert torch.equal(params[n], ref_params[n]), (step, n)
+    assert opt.last_skipped == ([] if bad_name is None else [bad_name])
+    assert opt.last_step_skipped == (bad_name is not None) and opt.skipped_steps == (bad_name is not None)
+    if bad_name is not None:
+        assert torch.equal(params[bad_name], before)
+        for k, v in opt.state[params[bad_name]].items():
+            assert torch.equal(v, state[k]), k
+        assert f"non-finite gradients in {bad_name}" in caplog.text
+    assert all(not opt.state[params[n]] for n in ("up.weight", "down.weight"))  # still stateless
+
+
+def test_nonfinite_mode_is_checked_and_refused_where_ranks_could_disagree():
+    model = TinyLM()
+    with pytest.raises(ValueError, match=r"nonfinite='matrx' is not allowed; use one of 'step', 'matrix'"):
+        SinkGD(model.named_parameters(), nonfinite="matrx")
+    with pytest.raises(ValueError, match=r"unknown key 'nonfinite'"):
+        SCALE(model.named_parameters(), nonfinite="matrix")  # only SinkGD has the per-matrix mode
+    opt = SinkGD(model.named_parameters(), nonfinite="matrix")
+    with pytest.raises(ValueError, match=r"nonfinite='matrix' is only supported for unsharded parameters"):
+        opt.set_layout(())

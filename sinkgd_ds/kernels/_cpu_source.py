@@ -341,7 +341,7 @@ static void apply_impl(typename WT::T* W, const typename GT::T* G, i64 rows, i64
 // dtype codes: 0 = float32, 1 = bfloat16
 extern "C" {
 
-int sk_abi_version() { return 5; }
+int sk_abi_version() { return 6; }
 
 int sk_has_openmp() {
 #ifdef _OPENMP
@@ -461,6 +461,46 @@ int sk_step_many(i64 count, const i64* desc, const float* rt, const i64* runs, c
     for (i64 k = 0; k < count; ++k)
         if (bad[k]) return 1;
     return sk_apply_many(acount, adesc, decay, alpha, use_decay, ant) ? -1 : 0;
+}
+
+// Per-matrix skip: each matrix is normalised and, if its own sums are finite, updated right away, while its G
+// is still in cache (G is read once from DRAM). aidx: count+1 offsets into adesc (rows of 8, as sk_apply_many)
+// giving matrix k's update segments. A matrix larger than an even share runs alone on all threads; the others
+// are spread over the threads whole. Returns -1 on an unknown dtype, else the number of matrices left unchanged.
+int sk_fused_many(i64 count, const i64* desc, const float* rt, const i64* runs, const float* ct, const uint8_t* sched,
+                  i64 ns, int nt, int spread, int* bad, const i64* aidx, const i64* adesc, float decay, float alpha,
+                  int use_decay) {
+    i64 total = 0;
+    for (i64 k = 0; k < count; ++k) total += desc[10 * k + 2] * desc[10 * k + 3];
+    if (nt < 1) nt = 1;
+    int rc = 0;
+    auto one = [&](i64 k, int threads) {
+        bad[k] = normalize_one(desc + 10 * k, sched, ns, rt[k], runs, ct, threads);
+        if (bad[k] != 0) return;
+        for (i64 q = aidx[k]; q < aidx[k + 1]; ++q) {
+            const i64* e = adesc + 8 * q;
+            if (sk_apply((void*)e[0], (int)e[1], (const void*)e[2], (int)e[3], e[4], e[5], (const float*)e[6],
+                         (const float*)e[7], decay, alpha, use_decay, threads) != 0)
+                bad[k] = -1;
+        }
+    };
+    std::vector<i64> shared;
+    for (i64 k = 0; k < count; ++k) {
+        const i64 numel = desc[10 * k + 2] * desc[10 * k + 3];
+        if (nt > 1 && (!spread || numel * nt > total))
+            one(k, nt);
+        else
+            shared.push_back(k);
+    }
+    const i64 ns_ = (i64)shared.size();
+    const int team = (int)std::max<i64>(1, std::min<i64>(nt, ns_));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
+    for (i64 q = 0; q < ns_; ++q) one(shared[(size_t)q], 1);
+    for (i64 k = 0; k < count; ++k) {
+        if (bad[k] < 0) return -1;
+        rc += bad[k] != 0;
+    }
+    return rc;
 }
 
 }  // extern "C"

@@ -46,9 +46,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: kinds a subclass may assign (besides ADAMW)
     MATRIX_KINDS: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None):
+    #: what a non-finite gradient skips: "step" (the whole step, every class) or "matrix" (subclasses that
+    #: implement _step_matrices_skipping list it here)
+    NONFINITE_MODES: tuple[str, ...] = ("step",)
+
+    def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None,
+                 nonfinite: str = "step"):
         name = type(self).__name__
         self._where = name
+        self.nonfinite = hp.one_of(f"{name}()", "nonfinite", nonfinite, self.NONFINITE_MODES)
+        self.last_skipped: list[str] = []  # nonfinite="matrix": what the last step left unchanged
         self._fallback_re = [re.compile(p) for p in (fallback_patterns or DEFAULT_FALLBACK_PATTERNS)]
         self._names: dict[int, str] = {}
         self._layouts: dict[int, list[MatrixSpec]] = {}
@@ -144,6 +151,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         (Megatron's distributed optimizer); the index is stored in the group under LAYOUT_KEY so it
         survives ``load_state_dict`` and ``{**group}`` copies.
         """
+        if self.nonfinite != "step":
+            raise ValueError(f"{self._where}: nonfinite={self.nonfinite!r} is only supported for unsharded parameters "
+                             "(plain torch, DDP); under DeepSpeed or Megatron use nonfinite='step' (the default), "
+                             "which skips the whole step on every rank alike")
         self._layouts = {}
         self._batches = {}
         for spec in specs:
@@ -242,6 +253,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.last_comm = CommStats()
+        if self.nonfinite == "matrix":
+            self._step_skipping()
+            return loss
         # The last group's verdict completes the step's when every earlier one is clean and no other rank has a
         # say; that group may then write its update in the same pass (plan["applied"]), e.g. one native call.
         alone = self._consensus_group is None or not dist.is_initialized()
@@ -262,6 +276,31 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if not plan.get("applied", False):
                 self._apply(group, plan)
         return loss
+
+    def _step_skipping(self) -> None:
+        """nonfinite="matrix": every group steps on its own; a matrix (or fallback parameter) whose gradient is
+        non-finite is left unchanged, weights and state, and named in ``last_skipped``."""
+        skipped: list[str] = []
+        for group in self.param_groups:
+            if group["kind"] != ADAMW:
+                skipped += self._step_matrices_skipping(group)
+                continue
+            params = self._adamw_prepare(group)
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist() if params else []
+            skipped += [self._names.get(id(p), f"<{tuple(p.shape)} tensor>") for p, ok in zip(params, finite) if not ok]
+            self._adamw_apply(group, [p for p, ok in zip(params, finite) if ok])
+        self.last_skipped = skipped
+        self.last_step_skipped = bool(skipped)
+        if skipped:
+            self.skipped_steps += 1
+            log.warning("%s: non-finite gradients in %s; those were left unchanged (%d steps with skips so far)",
+                        self._where, ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""),
+                        self.skipped_steps)
+
+    def _step_matrices_skipping(self, group: dict[str, Any]) -> list[str]:
+        """nonfinite="matrix" for a matrix group: update the matrices with finite gradients, return the others'
+        names."""
+        raise NotImplementedError
 
     def _prepare(self, group: dict[str, Any], final: bool = False) -> dict[str, Any]:
         """Phase 1 (collectives allowed, no writes): statistics and the non-finite verdict. ``final``: this

@@ -1,12 +1,18 @@
 """SinkGD (Scetbon et al., arXiv 2502.06742): SR-Sinkhorn-normalised gradient descent, no state.
 
-Defaults and where they come from (details in docs/defaults.md):
+Defaults and where they come from (the README's optimizer table lists them too):
   lr=0.02        global lr; AdamW groups use it as is (paper setup as reproduced by forgather,
                  naubull2 and the SAGE baseline)
   lr_scale=0.05  matrices step with lr * lr_scale = 1e-3 (same sources; RACS sibling paper, alpha 0.05)
   sinkhorn_iters=5  L, the paper's value
   weight_decay=0    the paper uses none; decoupled, scaled by each group's own step size
   betas=(0.9, 0.999), eps=1e-8   AdamW fallback (torch defaults)
+  nonfinite="step"  a non-finite gradient anywhere skips the whole step, weights and state (as GradScaler,
+                    DeepSpeed and Megatron skip overflowed steps). "matrix": only the matrices / fallback
+                    parameters whose gradients are non-finite are left unchanged, and each matrix is updated
+                    right after its own normalisation, so its gradient is read from DRAM once instead of twice
+                    (about 10% faster at L=1). Unsharded parameters only (plain torch, DDP, DeepSpeed stage 0
+                    without bf16); skipped names are in ``last_skipped``.
 """
 
 from __future__ import annotations
@@ -19,16 +25,22 @@ from .base import ADAMW, MatrixOptimizer, grad_of, has_grad
 SINKGD = "sinkgd"
 
 
-def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, direction=grad_of,
-                       step_size: float | None = None) -> dict[str, Any]:
-    """Run the engine on every matrix of ``group``; shared by SinkGD and SCALE. With ``step_size`` (the caller's
-    verdict is final, see MatrixOptimizer._prepare) a clean group is also updated, in the same native call."""
+def matrices_with_gradients(opt: MatrixOptimizer, group: dict[str, Any]) -> list:
+    """The group's matrices that have a gradient on this rank (a sharded one without raises: its sums need it)."""
     specs = []
     for s in opt.matrix_specs(group):
         if has_grad(s):
             specs.append(s)
-        elif not s.is_local:  # its sums need this rank, gradient or not
+        elif not s.is_local:
             raise RuntimeError(f"{opt._where}: sharded matrix {s.name!r} has no gradient on this rank")
+    return specs
+
+
+def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, direction=grad_of,
+                       step_size: float | None = None) -> dict[str, Any]:
+    """Run the engine on every matrix of ``group``; shared by SinkGD and SCALE. With ``step_size`` (the caller's
+    verdict is final, see MatrixOptimizer._prepare) a clean group is also updated, in the same native call."""
+    specs = matrices_with_gradients(opt, group)
     batch = opt.matrix_batch(specs, direction)
     if step_size is not None:
         applied = batch.step_(schedule, step_size, group["weight_decay"], stats=opt.last_comm)
@@ -52,15 +64,17 @@ class SinkGD(MatrixOptimizer):
 
     GROUP_KEYS = (*MatrixOptimizer.GROUP_KEYS, "sinkhorn_iters")
     MATRIX_KINDS = (SINKGD,)
+    NONFINITE_MODES = ("step", "matrix")
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, sinkhorn_iters: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fallback_patterns=None, **unknown: Any):
+                 fallback_patterns=None, nonfinite: str = "step", **unknown: Any):
         if unknown:
-            hp.check_known_keys(f"{type(self).__name__}()", unknown, [*self.GROUP_KEYS, "fallback_patterns"])
+            hp.check_known_keys(f"{type(self).__name__}()", unknown,
+                                [*self.GROUP_KEYS, "fallback_patterns", "nonfinite"])
         defaults = dict(lr=lr, lr_scale=lr_scale, sinkhorn_iters=sinkhorn_iters, weight_decay=weight_decay,
                         betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
-        super().__init__(params, defaults, fallback_patterns)
+        super().__init__(params, defaults, fallback_patterns, nonfinite)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         if key == "sinkhorn_iters":
@@ -72,6 +86,15 @@ class SinkGD(MatrixOptimizer):
 
     def _apply_matrices(self, group, plan):
         apply_normalized(group, plan, group["lr"] * group["lr_scale"])
+
+    def _step_matrices_skipping(self, group):
+        # each matrix is updated right after its own normalisation, while its G is still in cache
+        specs = matrices_with_gradients(self, group)
+        batch = self.matrix_batch(specs, grad_of)
+        if batch.step_(("row", "col") * group["sinkhorn_iters"], group["lr"] * group["lr_scale"],
+                       group["weight_decay"], stats=self.last_comm, per_matrix=True):
+            return []
+        return [s.name for s, sc in zip(specs, batch.scales) if not sc.finite]
 
 
 __all__ = ["SinkGD", "SINKGD", "ADAMW"]
