@@ -20,6 +20,9 @@ with ONE pass over G per iteration (a row's r_i is known as soon as the row is s
 contribution r_i^2 G_ij^2 is added while the row is still in cache). Sharded matrices keep the
 half-iteration structure (their collectives sit between the halves); the kernels then only compute
 the local partial sums, without materialising G^2. The update is one pass fused with weight decay.
+When nothing else can veto the step, normalisation, verdict and update are one native call
+(``MatrixBatch.step_``); with ``per_matrix=True`` each matrix is updated right after its own
+normalisation, while its G is still in cache, and a non-finite matrix is left alone.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ CASES = {
     "bad_value": ({"params": {"lr": 0.02, "sinkhorn_iters": 0}}, "sinkhorn_iters=0"),
     "negative_lr": ({"params": {"lr": -1}}, "lr=-1"),
     "offload": ({"zero": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer.device='cpu'"),
+    "nonfinite_value": ({"params": {"lr": 0.02, "nonfinite": "all"}},
+                        "nonfinite='all' is not allowed; use one of 'step', 'matrix'"),
+    "nonfinite_sharded": ({"params": {"lr": 0.02, "nonfinite": "matrix"}},  # ZeRO-2: ranks could disagree
+                          "nonfinite='matrix' is only supported for unsharded parameters"),
 }
 
 
