@@ -27,7 +27,8 @@ try:  # private parts of torch.optim that the stock wrapper uses
     _profiler_enabled = torch._C._autograd._profiler_enabled
     # what torch.no_grad() ends up calling (the public torch.set_grad_enabled does the same through an object)
     _set_grad_enabled = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enabled)
-    _SUPPORTED = callable(_profiler_enabled) and hasattr(torch.optim.Optimizer, "_optimizer_step_code")
+    _SUPPORTED = (callable(_profiler_enabled) and hasattr(torch.optim.Optimizer, "_optimizer_step_code")
+                  and hasattr(torch.optim.Optimizer, "register_step_pre_hook"))  # (its per-optimizer hook dicts)
 except (ImportError, AttributeError):
     _SUPPORTED = False
 
