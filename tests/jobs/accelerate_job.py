@@ -52,6 +52,10 @@ def main() -> None:
         torch.save(dict(world=world, weights=weights, losses=losses, engine=type(engine).__name__,
                         inner=type(engine.basic_optimizer).__name__,
                         lrs=[engine.get_lr()[0]] * args.steps), args.out)
+    # leave together and take the process group down before the interpreter exits (an implicit teardown
+    # at exit can abort a rank with "terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

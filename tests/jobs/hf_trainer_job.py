@@ -68,6 +68,10 @@ def main() -> None:
                       matrices=sorted(set().union(*everyone)))
         with open(args.out, "w") as f:
             json.dump(report, f)
+    # leave together and take the process group down before the interpreter exits (an implicit teardown
+    # at exit can abort a rank with "terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

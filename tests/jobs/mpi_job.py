@@ -41,6 +41,10 @@ def main() -> None:
     results = run_configs(rank, world, configs)
     if rank == 0:
         torch.save(dict(world=world, results=results), sys.argv[1])
+    # leave together and take the process group down before the interpreter exits (an implicit teardown
+    # at exit can abort a rank with "terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
