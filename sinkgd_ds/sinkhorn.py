@@ -319,11 +319,14 @@ class MatrixBatch:
 
     def normalize(self, schedule: Sequence[Half], stats: CommStats | None = None) -> list[Scales]:
         """Run the half-iterations of ``schedule`` on every matrix together (see :func:`normalize_scales`)."""
-        stats = stats if stats is not None else CommStats()
-        schedule = tuple(schedule)
-        sched = _check_schedule(schedule)
         lib = _kernels.lib() if self._any_cpu else None
         self._refresh(lib)
+        return self._normalize(tuple(schedule), stats, lib)
+
+    def _normalize(self, schedule: tuple[Half, ...], stats: CommStats | None, lib) -> list[Scales]:
+        """:meth:`normalize` on descriptors the caller has just refreshed."""
+        stats = stats if stats is not None else CommStats()
+        sched = _check_schedule(schedule)
         self._checked = True
         # Local matrices need no collective, so they run first, all in one call (which works through them
         # roughly in reverse order, so that the update pass starts on gradients that are still in cache).
@@ -367,13 +370,14 @@ class MatrixBatch:
         cache, so G is read from DRAM once instead of twice. When every matrix runs natively either is ONE
         native call: no Python and no thread wake-up between the passes.
         """
-        sched = _check_schedule(tuple(schedule))
+        schedule = tuple(schedule)
+        sched = _check_schedule(schedule)
         lib = _kernels.lib() if self._any_cpu else None
         self._refresh(lib)
         nat = self._native_norm
         decay, alpha, use_decay = 1.0 - step_size * weight_decay, step_size * extra_scale, 1 if weight_decay else 0
         if nat is None or self._segment_starts is None:
-            scales = self.normalize(schedule, stats)
+            scales = self._normalize(schedule, stats, lib)  # (refreshed above: the address check runs once)
             if all([s.finite for s in scales]):
                 self.apply_(step_size, weight_decay, extra_scale, recheck=False)
                 return True

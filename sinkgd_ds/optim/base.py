@@ -232,12 +232,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
             p.addcdiv_(mi, denom, value=-lr / bc1)
 
     # ------------------------------------------------------------------ the step
+    @staticmethod
+    def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
+        """Whether each tensor is all finite (one host sync for all of them)."""
+        return torch.stack([torch.isfinite(t).all() for t in tensors]).tolist() if tensors else []
+
     def _local_nonfinite(self, tensors: Iterable[torch.Tensor]) -> bool:
-        ts = [t for t in tensors if t is not None]
-        if not ts:
-            return False
-        flags = torch.stack([torch.isfinite(t).all() for t in ts])
-        return not bool(flags.all())
+        return not all(self._finite_flags([t for t in tensors if t is not None]))
 
     def _agree(self, bad: bool) -> bool:
         if self._consensus_group is None or not dist.is_initialized():
@@ -286,7 +287,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 skipped += self._step_matrices_skipping(group)
                 continue
             params = self._adamw_prepare(group)
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist() if params else []
+            finite = self._finite_flags([p.grad for p in params])
             skipped += [self._names.get(id(p), f"<{tuple(p.shape)} tensor>") for p, ok in zip(params, finite) if not ok]
             self._adamw_apply(group, [p for p, ok in zip(params, finite) if ok])
         self.last_skipped = skipped
