@@ -338,6 +338,29 @@ static void apply_impl(typename WT::T* W, const typename GT::T* G, i64 rows, i64
     }
 }
 
+// How every "many" entry point spreads its items (matrices or update segments) over nt threads: an item larger
+// than an even share of the total runs alone on all threads (or every item does, without spread); the others
+// are spread over the threads whole (dynamic), so there is no barrier inside them and one call has one
+// fork/join however many items there are. size(k): elements of item k; work(k, threads): do item k.
+template <class Size, class Work>
+static void share_out(i64 count, int nt, int spread, bool last_first, Size size, Work work) {
+    i64 total = 0;
+    for (i64 k = 0; k < count; ++k) total += size(k);
+    if (nt < 1) nt = 1;
+    std::vector<i64> shared;
+    for (i64 q = 0; q < count; ++q) {
+        const i64 k = last_first ? count - 1 - q : q;
+        if (nt > 1 && (!spread || size(k) * nt > total))
+            work(k, nt);
+        else
+            shared.push_back(k);
+    }
+    const i64 n = (i64)shared.size();
+    const int team = (int)std::max<i64>(1, std::min<i64>(nt, n));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
+    for (i64 q = 0; q < n; ++q) work(shared[(size_t)q], 1);
+}
+
 // dtype codes: 0 = float32, 1 = bfloat16
 extern "C" {
 
@@ -359,9 +382,12 @@ int sk_normalize(const void* G, int gdt, i64 m, i64 n, const i64* runs, i64 nrun
 }
 
 // Many local matrices at once. desc: count rows of 10 int64 [G ptr, dtype, m, n, first run, nruns, nb, first
-// target, r ptr, c ptr]; rt: count floats; runs / ct: concatenated. A matrix larger than an even share of the
-// total runs alone on all threads; the others are spread over the threads whole (largest first, dynamic), so
-// there is no barrier inside them. bad: count ints (1 = non-finite sums). Returns -1 on an unknown dtype.
+// target, r ptr, c ptr]; rt: count floats; runs / ct: concatenated; spread over the threads by share_out.
+// bad: count ints (1 = non-finite sums). Returns -1 on an unknown dtype.
+static auto matrix_numel(const i64* desc) {
+    return [desc](i64 k) { return desc[10 * k + 2] * desc[10 * k + 3]; };
+}
+
 static int normalize_one(const i64* d, const uint8_t* sched, i64 ns, float rt, const i64* runs, const float* ct,
                          int nt) {
     return sk_normalize((const void*)d[0], (int)d[1], d[2], d[3], runs + 3 * d[4], d[5], d[6], sched, ns, rt,
@@ -371,24 +397,8 @@ static int normalize_one(const i64* d, const uint8_t* sched, i64 ns, float rt, c
 int sk_normalize_many(i64 count, const i64* desc, const float* rt, const i64* runs, const float* ct,
                       const uint8_t* sched, i64 ns, int nt, int spread, int* bad) {
     // last matrix first: the update pass then starts on the gradients read last (still in cache)
-    i64 total = 0;
-    for (i64 k = 0; k < count; ++k) total += desc[10 * k + 2] * desc[10 * k + 3];
-    if (nt < 1) nt = 1;
-    std::vector<i64> shared;
-    for (i64 k = count - 1; k >= 0; --k) {
-        const i64 numel = desc[10 * k + 2] * desc[10 * k + 3];
-        if (nt > 1 && (!spread || numel * nt > total))  // too big to share out: all threads on it
-            bad[k] = normalize_one(desc + 10 * k, sched, ns, rt[k], runs, ct, nt);
-        else
-            shared.push_back(k);
-    }
-    const i64 ns_ = (i64)shared.size();
-    const int team = (int)std::max<i64>(1, std::min<i64>(nt, ns_));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
-    for (i64 q = 0; q < ns_; ++q) {
-        const i64 k = shared[(size_t)q];
-        bad[k] = normalize_one(desc + 10 * k, sched, ns, rt[k], runs, ct, 1);
-    }
+    share_out(count, nt, spread, true, matrix_numel(desc),
+              [&](i64 k, int threads) { bad[k] = normalize_one(desc + 10 * k, sched, ns, rt[k], runs, ct, threads); });
     for (i64 k = 0; k < count; ++k)
         if (bad[k] < 0) return -1;
     return 0;
@@ -424,31 +434,19 @@ int sk_apply(void* W, int wdt, const void* G, int gdt, i64 rows, i64 cols, const
 }
 
 // Many update segments at once. d: count rows of 8 int64 [W ptr, W dtype, G ptr, G dtype, rows, cols, r ptr,
-// c ptr]. Segments larger than an even share use all threads; the others are spread over the threads whole,
-// in list order (dynamic), so one call has one fork/join however many matrices there are.
+// c ptr]; spread over the threads by share_out, in list order. Returns -1 on an unknown dtype.
 int sk_apply_many(i64 count, const i64* d, float decay, float alpha, int use_decay, int nt) {
-    i64 total = 0;
-    for (i64 k = 0; k < count; ++k) total += d[8 * k + 4] * d[8 * k + 5];
-    if (nt < 1) nt = 1;
-    int rc = 0;
-    std::vector<i64> shared;
-    for (i64 k = 0; k < count; ++k) {
-        const i64* e = d + 8 * k;
-        if (nt > 1 && e[4] * e[5] * nt > total)
-            rc |= sk_apply((void*)e[0], (int)e[1], (const void*)e[2], (int)e[3], e[4], e[5], (const float*)e[6],
-                           (const float*)e[7], decay, alpha, use_decay, nt);
-        else
-            shared.push_back(k);
-    }
-    const i64 ns = (i64)shared.size();
-    const int team = (int)std::max<i64>(1, std::min<i64>(nt, ns));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1) reduction(| : rc)
-    for (i64 q = 0; q < ns; ++q) {
-        const i64* e = d + 8 * shared[(size_t)q];
-        rc |= sk_apply((void*)e[0], (int)e[1], (const void*)e[2], (int)e[3], e[4], e[5], (const float*)e[6],
-                       (const float*)e[7], decay, alpha, use_decay, 1);
-    }
-    return rc;
+    std::vector<int> rc((size_t)count, 0);
+    share_out(
+        count, nt, 1, false, [&](i64 k) { return d[8 * k + 4] * d[8 * k + 5]; },
+        [&](i64 k, int threads) {
+            const i64* e = d + 8 * k;
+            rc[(size_t)k] = sk_apply((void*)e[0], (int)e[1], (const void*)e[2], (int)e[3], e[4], e[5],
+                                     (const float*)e[6], (const float*)e[7], decay, alpha, use_decay, threads);
+        });
+    for (int v : rc)
+        if (v) return v;
+    return 0;
 }
 
 // A whole step that nothing else can veto: sk_normalize_many, then sk_apply_many only if no matrix had non-finite
@@ -465,14 +463,11 @@ int sk_step_many(i64 count, const i64* desc, const float* rt, const i64* runs, c
 
 // Per-matrix skip: each matrix is normalised and, if its own sums are finite, updated right away, while its G
 // is still in cache (G is read once from DRAM). aidx: count+1 offsets into adesc (rows of 8, as sk_apply_many)
-// giving matrix k's update segments. A matrix larger than an even share runs alone on all threads; the others
-// are spread over the threads whole. Returns -1 on an unknown dtype, else the number of matrices left unchanged.
+// giving matrix k's update segments; spread over the threads by share_out. Returns -1 on an unknown dtype, else
+// the number of matrices left unchanged.
 int sk_fused_many(i64 count, const i64* desc, const float* rt, const i64* runs, const float* ct, const uint8_t* sched,
                   i64 ns, int nt, int spread, int* bad, const i64* aidx, const i64* adesc, float decay, float alpha,
                   int use_decay) {
-    i64 total = 0;
-    for (i64 k = 0; k < count; ++k) total += desc[10 * k + 2] * desc[10 * k + 3];
-    if (nt < 1) nt = 1;
     int rc = 0;
     auto one = [&](i64 k, int threads) {
         bad[k] = normalize_one(desc + 10 * k, sched, ns, rt[k], runs, ct, threads);
@@ -484,18 +479,7 @@ int sk_fused_many(i64 count, const i64* desc, const float* rt, const i64* runs, 
                 bad[k] = -1;
         }
     };
-    std::vector<i64> shared;
-    for (i64 k = 0; k < count; ++k) {
-        const i64 numel = desc[10 * k + 2] * desc[10 * k + 3];
-        if (nt > 1 && (!spread || numel * nt > total))
-            one(k, nt);
-        else
-            shared.push_back(k);
-    }
-    const i64 ns_ = (i64)shared.size();
-    const int team = (int)std::max<i64>(1, std::min<i64>(nt, ns_));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
-    for (i64 q = 0; q < ns_; ++q) one(shared[(size_t)q], 1);
+    share_out(count, nt, spread, false, matrix_numel(desc), one);
     for (i64 k = 0; k < count; ++k) {
         if (bad[k] < 0) return -1;
         rc += bad[k] != 0;
