@@ -326,6 +326,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
+def matrix_step_size(group: dict[str, Any]) -> float:
+    """The step a matrix takes: the group's lr (which schedulers set) times its lr_scale."""
+    return group["lr"] * group["lr_scale"]
+
+
 def grad_of(t: torch.Tensor) -> torch.Tensor:
     """Direction callback for the engine: the tensor's gradient."""
     return t.grad

@@ -70,12 +70,11 @@ class SCALE(MatrixOptimizer):
             specs = self.matrix_specs(group)
             return {"specs": specs, "nonfinite": self._local_nonfinite(p.grad for p in group["params"])}
         schedule = ("col",) if group["kind"] == SCALE_EMBED else ("row",)
-        return prepare_normalized(self, group, schedule, step_size=group["lr"] * group["lr_scale"] if final else None)
+        return prepare_normalized(self, group, schedule, final=final)
 
     def _apply_matrices(self, group, plan):
-        step_size = group["lr"] * group["lr_scale"]
         if group["kind"] != SCALE_HEAD:
-            apply_normalized(group, plan, step_size)
+            apply_normalized(group, plan)
             return
         beta = group["momentum"]
         for p in group["params"]:
@@ -87,5 +86,5 @@ class SCALE(MatrixOptimizer):
             st[HEAD_STATE].lerp_(p.grad.to(p.dtype), 1.0 - beta)
         group_plan = prepare_normalized(self, {**group, "params": [p for p in group["params"] if p.grad is not None]},
                                         ("row",), direction=self._momentum)
-        apply_normalized(group, group_plan, step_size)
+        apply_normalized(group, group_plan)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import hparams as hp
-from .base import ADAMW, MatrixOptimizer, grad_of, has_grad
+from .base import ADAMW, MatrixOptimizer, grad_of, has_grad, matrix_step_size
 
 SINKGD = "sinkgd"
 
@@ -37,21 +37,21 @@ def matrices_with_gradients(opt: MatrixOptimizer, group: dict[str, Any]) -> list
 
 
 def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, direction=grad_of,
-                       step_size: float | None = None) -> dict[str, Any]:
-    """Run the engine on every matrix of ``group``; shared by SinkGD and SCALE. With ``step_size`` (the caller's
+                       final: bool = False) -> dict[str, Any]:
+    """Run the engine on every matrix of ``group``; shared by SinkGD and SCALE. When ``final`` (the caller's
     verdict is final, see MatrixOptimizer._prepare) a clean group is also updated, in the same native call."""
     specs = matrices_with_gradients(opt, group)
     batch = opt.matrix_batch(specs, direction)
-    if step_size is not None:
-        applied = batch.step_(schedule, step_size, group["weight_decay"], stats=opt.last_comm)
+    if final:
+        applied = batch.step_(schedule, matrix_step_size(group), group["weight_decay"], stats=opt.last_comm)
         return {"specs": specs, "batch": batch, "nonfinite": not applied, "applied": applied}
     scales = batch.normalize(schedule, opt.last_comm)
     return {"specs": specs, "batch": batch, "nonfinite": not all([s.finite for s in scales])}
 
 
-def apply_normalized(group: dict[str, Any], plan: dict[str, Any], step_size: float) -> None:
+def apply_normalized(group: dict[str, Any], plan: dict[str, Any]) -> None:
     """Write every matrix's update (one native call for the whole group on CPU)."""
-    plan["batch"].apply_(step_size, group["weight_decay"], recheck=False)
+    plan["batch"].apply_(matrix_step_size(group), group["weight_decay"], recheck=False)
 
 
 class SinkGD(MatrixOptimizer):
@@ -81,17 +81,16 @@ class SinkGD(MatrixOptimizer):
             hp.int_at_least(where, key, value, 1)
 
     def _prepare_matrices(self, group, final=False):
-        step_size = group["lr"] * group["lr_scale"] if final else None
-        return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"], step_size=step_size)
+        return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"], final=final)
 
     def _apply_matrices(self, group, plan):
-        apply_normalized(group, plan, group["lr"] * group["lr_scale"])
+        apply_normalized(group, plan)
 
     def _step_matrices_skipping(self, group):
         # each matrix is updated right after its own normalisation, while its G is still in cache
         specs = matrices_with_gradients(self, group)
         batch = self.matrix_batch(specs, grad_of)
-        if batch.step_(("row", "col") * group["sinkhorn_iters"], group["lr"] * group["lr_scale"],
+        if batch.step_(("row", "col") * group["sinkhorn_iters"], matrix_step_size(group),
                        group["weight_decay"], stats=self.last_comm, per_matrix=True):
             return []
         return [s.name for s, sc in zip(specs, batch.scales) if not sc.finite]

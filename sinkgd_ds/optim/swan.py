@@ -27,7 +27,7 @@ import torch
 from .. import hparams as hp
 from ..layout import RowBlocks
 from ..sinkhorn import apply_dense_update_, gather_matrix
-from .base import MatrixOptimizer, grad_of, has_grad
+from .base import MatrixOptimizer, grad_of, has_grad, matrix_step_size
 
 SWAN_KIND = "swan"
 
@@ -100,4 +100,4 @@ class SWAN(MatrixOptimizer):
         for spec in plan["specs"]:
             full = gather_matrix(spec, grad_of)
             update = blockwise_direction(full, spec.blocks, group["ns_steps"])
-            apply_dense_update_(spec, update, group["lr"] * group["lr_scale"], group["weight_decay"])
+            apply_dense_update_(spec, update, matrix_step_size(group), group["weight_decay"])
