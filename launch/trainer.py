@@ -161,4 +161,5 @@ def finish(plan: dict[str, Any], args: argparse.Namespace, engine: Any, state: d
         if args.summary_json:
             report.write_json(Path(args.summary_json), summary)
     dist.barrier()
+    dist.destroy_process_group()  # orderly teardown: no gloo thread is left running at interpreter exit
     return 0 if stopped_by is None or math.isfinite(state["losses"][-1]) else 1
