@@ -332,15 +332,19 @@ class MatrixBatch:
         # roughly in reverse order, so that the update pass starts on gradients that are still in cache).
         nat = self._native_norm
         if nat is not None:
-            rc = lib.sk_normalize_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr)
-            if rc < 0:
-                raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
-            for i, flag in zip(nat.index, nat.bad):
-                self.scales[i].finite = flag == 0
+            self._take_native_verdicts(
+                lib.sk_normalize_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr))
         if self._torch_norm:
             _normalize_torch([self.specs[i] for i in self._torch_norm], [self.scales[i] for i in self._torch_norm],
                              self.direction, schedule, stats, lib)
         return self.scales
+
+    def _take_native_verdicts(self, rc: int) -> None:
+        """After a native normalising call: its per-matrix non-finite flags into ``scales``."""
+        if rc < 0:
+            raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
+        for i, flag in zip(self._native_norm.index, self._native_norm.bad):
+            self.scales[i].finite = flag == 0
 
     def apply_(self, step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
                recheck: bool = True) -> None:
@@ -353,11 +357,10 @@ class MatrixBatch:
             self._refresh(lib)
         self._checked = False
         if self._apply_desc:
-            lib.sk_apply_many(*self._apply_head, 1.0 - step_size * weight_decay, step_size * extra_scale,
-                              1 if weight_decay else 0, self._apply_threads)
+            lib.sk_apply_many(*self._apply_head, *_update_coefficients(step_size, weight_decay, extra_scale),
+                              self._apply_threads)
         for i in self._torch_apply:
             _apply_torch(self.specs[i], self.scales[i], self.direction, step_size, weight_decay, extra_scale)
-
 
     def step_(self, schedule: Sequence[Half], step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
               stats: CommStats | None = None, per_matrix: bool = False) -> bool:
@@ -375,7 +378,6 @@ class MatrixBatch:
         lib = _kernels.lib() if self._any_cpu else None
         self._refresh(lib)
         nat = self._native_norm
-        decay, alpha, use_decay = 1.0 - step_size * weight_decay, step_size * extra_scale, 1 if weight_decay else 0
         if nat is None or self._segment_starts is None:
             scales = self._normalize(schedule, stats, lib)  # (refreshed above: the address check runs once)
             if all([s.finite for s in scales]):
@@ -386,17 +388,20 @@ class MatrixBatch:
                 MatrixBatch([self.specs[i] for i in clean], self.direction,
                             [scales[i] for i in clean]).apply_(step_size, weight_decay, extra_scale)
             return False
+        coefficients = _update_coefficients(step_size, weight_decay, extra_scale)
         if per_matrix:
             rc = lib.sk_fused_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr,
-                                   _addr(self._segment_starts), self._apply_head[1], decay, alpha, use_decay)
+                                   _addr(self._segment_starts), self._apply_head[1], *coefficients)
         else:
             rc = lib.sk_step_many(*nat.head, sched, len(sched), nat.threads, _kernels.SPREAD, nat.bad_addr,
-                                  *self._apply_head, decay, alpha, use_decay, self._apply_threads)
-        if rc < 0:
-            raise RuntimeError("sinkgd_ds kernel rejected a gradient dtype")
-        for i, flag in zip(nat.index, nat.bad):
-            self.scales[i].finite = flag == 0
+                                  *self._apply_head, *coefficients, self._apply_threads)
+        self._take_native_verdicts(rc)
         return rc == 0
+
+
+def _update_coefficients(step_size: float, weight_decay: float, extra_scale: float) -> tuple[float, float, int]:
+    """The kernels' (decay, alpha, use_decay): W <- W (1 - step_size wd) - step_size extra_scale diag(r) G diag(c)."""
+    return 1.0 - step_size * weight_decay, step_size * extra_scale, 1 if weight_decay else 0
 
 
 def normalize_scales(
