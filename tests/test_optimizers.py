@@ -302,6 +302,17 @@ def test_last_group_applies_with_its_verdict_only_when_nothing_can_veto(cls, bad
         assert torch.equal(runs[False][n], runs[True][n]), n
 
 
+def test_nonfinite_matrix_mode_names_unnamed_parameters_by_shape():
+    """Parameters passed without model names are reported by shape, matrices and fallback ones alike."""
+    w, b, ok = (torch.zeros(4, 3, requires_grad=True), torch.zeros(3, requires_grad=True),
+                torch.zeros(5, 2, requires_grad=True))
+    opt = SinkGD([{"params": [w, ok], "kind": "sinkgd"}, {"params": [b], "kind": "adamw"}], nonfinite="matrix")
+    w.grad, b.grad, ok.grad = torch.full((4, 3), float("nan")), torch.full((3,), float("inf")), torch.ones(5, 2)
+    opt.step()
+    assert opt.last_skipped == ["<(4, 3) tensor>", "<(3,) tensor>"]
+    assert not w.any() and not b.any() and ok.ne(0).all()
+
+
 @pytest.mark.parametrize("bad_name", [None, "up.weight", "down.weight", "norm.weight", "embed_tokens.weight"])
 def test_nonfinite_matrix_mode_leaves_exactly_the_bad_parameter(bad_name, caplog):
     """SinkGD(nonfinite="matrix"): a parameter whose gradient is non-finite keeps its weights and state; every

@@ -181,13 +181,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     "was not registered: import sinkgd_ds before deepspeed.initialize / use megatron_patch.")
         return specs
 
+    def _label(self, p: torch.Tensor) -> str:
+        """How messages and ``last_skipped`` name a parameter: its model name, else its shape."""
+        return self._names.get(id(p)) or f"<{tuple(p.shape)} tensor>"
+
     def _dense_spec(self, p: torch.Tensor) -> MatrixSpec:
         """The trivial layout of a whole parameter, built once (its segments cost ~0.2 ms/step to recompute)."""
         spec = self._dense_specs.get(id(p))
         if spec is None or spec.owner is not p or spec.fragments[0].numel != p.numel():
             if not p.is_contiguous():
-                raise ValueError(f"{self._where}: parameter {self._names.get(id(p), '')!r} must be contiguous")
-            spec = self._dense_specs[id(p)] = dense_spec(p, self._names.get(id(p), ""))
+                raise ValueError(f"{self._where}: parameter {self._label(p)!r} must be contiguous")
+            spec = self._dense_specs[id(p)] = dense_spec(p, self._label(p))
         return spec
 
     def matrix_batch(self, specs: Sequence[MatrixSpec], direction: Direction) -> MatrixBatch:
@@ -288,7 +292,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 continue
             params = self._adamw_prepare(group)
             finite = self._finite_flags([p.grad for p in params])
-            skipped += [self._names.get(id(p), f"<{tuple(p.shape)} tensor>") for p, ok in zip(params, finite) if not ok]
+            skipped += [self._label(p) for p, ok in zip(params, finite) if not ok]
             self._adamw_apply(group, [p for p, ok in zip(params, finite) if ok])
         self.last_skipped = skipped
         self.last_step_skipped = bool(skipped)
