@@ -132,8 +132,10 @@ def test_statistics_collectives_only(runs):
             assert per_call, key
             for count, calls in per_call:
                 assert count == 2 * 5
-                assert len(calls) == 10 and all(op == "all_reduce" for op, _ in calls), (key, calls)
-                assert all(0 < numel <= vec_bound for _, numel in calls), (key, calls)
+                # the 2L statistics all-reduces, then the one-element non-finite verdict all ranks share
+                assert len(calls) == 11 and all(op == "all_reduce" for op, _ in calls), (key, calls)
+                assert all(0 < numel <= vec_bound for _, numel in calls[:-1]), (key, calls)
+                assert calls[-1][1] == 1, (key, calls)
     for key, r in runs[2][0].items():  # L = 1 -> 2 collectives
         if key == "iters1-z2":
             assert [c[0] for c in r["comm"] if c[0]] == [2, 2, 2]
@@ -156,7 +158,8 @@ def test_swan_gathers_only_its_matrices(runs):
     for key, r in runs[2][0].items():
         if key.startswith("SWAN-z") and key.endswith("fp32") and not key.startswith("SWAN-z0"):
             sizes = [numel for _, calls in r["comm"] for _, numel in calls]
-            assert set(sizes) <= {7 * 11}, (key, sizes)  # the whole 7x11 matrix, only for SWAN
+            # the whole 7x11 matrix, only for SWAN (and the one-element verdict every sharded step shares)
+            assert set(sizes) <= {7 * 11, 1} and 7 * 11 in sizes, (key, sizes)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -133,25 +133,56 @@ def zero3_specs(z3, inner: MatrixOptimizer) -> list[MatrixSpec]:
     return specs
 
 
-def describe_layout(wrapper: Any, inner: MatrixOptimizer) -> None:
-    """Give ``inner`` the layout of the partitions DeepSpeed's ``wrapper`` hands to its step()."""
+def consensus_group(engine: Any) -> object | None:
+    """The ranks that must reach one non-finite verdict: every rank of the job (None alone).
+
+    Under ZeRO 1-3 and ``BF16_Optimizer`` each rank checks only the partition it holds, so a bad value that
+    lands in one rank's partition would make that rank skip while the others step (a half-applied step).
+    DeepSpeed's own overflow check does not always run (fp32 or ``compute_grad_norm: false``, bf16 with
+    ``check_grad_overflow: false``), so the inner optimizer always asks all ranks. At stage 0 without model
+    parallelism every rank steps the same all-reduced gradients, so the verdicts agree by construction and
+    no extra collective is spent.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    dp_world = int(getattr(engine, "dp_world_size", dist.get_world_size()))
+    stage0 = engine.zero_optimization_stage() == 0 and not isinstance(engine.optimizer, BF16_Optimizer)
+    if stage0 and dp_world == dist.get_world_size():
+        return None
+    return dist.group.WORLD
+
+
+def describe_layout(wrapper: Any, inner: MatrixOptimizer, consensus: object | None = None) -> None:
+    """Give ``inner`` the layout of the partitions DeepSpeed's ``wrapper`` hands to its step() and the group
+    that agrees on skipping a non-finite step (:func:`consensus_group`)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if wrapper is inner:
-        return  # stage 0, fp32: plain 2-D parameters, the dense default applies
     if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        inner.set_layout(zero3_specs(wrapper, inner))
+        inner.set_layout(zero3_specs(wrapper, inner), consensus)
     elif isinstance(wrapper, DeepSpeedZeroOptimizer):
         if getattr(wrapper, "zenflow", False):
             raise ValueError("sinkgd_ds: ZenFlow is not supported with SinkGD/SCALE/SWAN; remove "
                              "zero_optimization.zenflow")
-        inner.set_layout(zero12_specs(wrapper, inner))
+        if not _require(wrapper, "check_grad_overflow"):
+            # ZeRO-1/2 hands the inner optimizer one param group per step() call and writes each group back
+            # before stepping the next, so a verdict taken inside one call cannot stop the groups before it.
+            # DeepSpeed's own check looks at every group's partition and all-reduces the flag over the data-
+            # and model-parallel groups before the first group steps; fp32 and compute_grad_norm=false (and
+            # bf16 with check_grad_overflow=false) turn it off, so it is turned back on for our optimizers.
+            wrapper.check_grad_overflow = True
+            log.info("sinkgd_ds: DeepSpeed's gradient overflow check is on for %s (one verdict for all param "
+                     "groups and ranks before any group steps)", type(inner).__name__)
+        inner.set_layout(zero12_specs(wrapper, inner), consensus)
     elif isinstance(wrapper, BF16_Optimizer):
-        inner.set_layout(bf16_specs(wrapper, inner))
-    # FP16_UnfusedOptimizer / FP16_Optimizer (stage 0, bf16 or fp16) step per-param fp32 copies of
-    # the original 2-D shapes: the dense default applies there too.
+        inner.set_layout(bf16_specs(wrapper, inner), consensus)
+    elif consensus is not None:
+        # stage 0 (the inner optimizer itself, or FP16_UnfusedOptimizer's per-param fp32 copies of the 2-D
+        # shapes): the dense default applies; only model parallelism needs the shared verdict
+        inner.set_layout((), consensus)
 
 
 # ---------------------------------------------------------------------- engine hooks
@@ -202,7 +233,7 @@ def _hook_configure_optimizer(orig):
         orig(self, client_optimizer, model_parameters)
         if isinstance(self.basic_optimizer, MatrixOptimizer):
             _check_config(self)
-            describe_layout(self.optimizer, self.basic_optimizer)
+            describe_layout(self.optimizer, self.basic_optimizer, consensus_group(self))
 
     return _configure_optimizer
 

@@ -31,6 +31,22 @@ NAME_ATTR = "_sinkgd_name"  # integrations tag parameters with their module name
 LAYOUT_KEY = "layout_id"  # param-group key naming a group-level layout (set_layout(group_specs=...))
 
 
+def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape a parameter has in the model, which is what routing must look at.
+
+    Built inside ``deepspeed.zero.Init`` (ZeRO-3 models, HF ``from_pretrained`` under ZeRO-3) a
+    parameter is a 1-D placeholder while it is partitioned; its model shape is ``ds_shape``.
+    """
+    shape = getattr(p, "ds_shape", None)
+    if shape is not None:
+        return tuple(int(s) for s in shape)
+    if hasattr(p, "ds_id"):  # a ZeRO-3 parameter whose shape DeepSpeed did not record: do not guess
+        raise ValueError(f"parameter {getattr(p, NAME_ATTR, '')!r} is partitioned by ZeRO-3 (ds_id={p.ds_id}) but "
+                         "has no ds_shape, so whether it is a matrix cannot be decided; build the optimizer after "
+                         "the model is fully constructed")
+    return tuple(p.shape)
+
+
 def tag_parameter_names(named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Record qualified names on the tensors so routing works when only bare tensors reach us."""
     for name, p in named_params:
@@ -72,7 +88,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ parameter routing
     def classify(self, name: str | None, p: torch.Tensor) -> str:
         """Kind of a parameter: ADAMW for vectors/embeddings/head, else a matrix kind. Subclasses override."""
-        if p.dim() < 2 or self._is_fallback_name(name):
+        if len(logical_shape(p)) < 2 or self._is_fallback_name(name):
             return ADAMW
         return self.MATRIX_KINDS[0]
 
@@ -104,14 +120,22 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{self._where}: param group {gi} holds a {type(p).__name__}, not a tensor")
                 if pname is not None:
                     self._names[id(p)] = pname
+                # (an explicit kind is the caller's: a flat partition whose layout set_layout will describe)
                 kind = g.get("kind") or self.classify(pname, p)
-                if not g.get("kind") and kind != ADAMW and pname is None and p.dim() >= 2:
+                if not g.get("kind") and kind != ADAMW and pname is None:
                     unnamed_matrices += 1
                 by_kind.setdefault(kind, []).append(p)
             for kind, ps in by_kind.items():
                 group = {k: v for k, v in g.items() if k != "params"}
                 group.update(params=ps, kind=kind)
                 routed.append(group)
+        if not any(g["kind"] != ADAMW for g in routed):
+            count = sum(len(g["params"]) for g in routed)
+            raise ValueError(
+                f"{self._where}: none of the {count} parameters is a matrix that {self._where} normalises (every one "
+                "is 1-D or an embedding / LM head by name), so all of them would be trained by the AdamW fallback. "
+                "If that is what you want, use torch.optim.AdamW; if the model has matrices, pass its parameters "
+                "(under deepspeed.zero.Init they are routed by ds_shape)")
         if unnamed_matrices:
             log.warning(
                 "%s: %d matrix parameters came without names, so none can be recognised as an embedding "

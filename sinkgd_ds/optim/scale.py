@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import hparams as hp
-from .base import ADAMW, MatrixOptimizer
+from .base import ADAMW, MatrixOptimizer, logical_shape
 from .sinkgd import apply_normalized, prepare_normalized
 
 SCALE_MATRIX, SCALE_EMBED, SCALE_HEAD = "scale", "scale_embed", "scale_head"
@@ -50,7 +50,7 @@ class SCALE(MatrixOptimizer):
         super().__init__(params, defaults, fallback_patterns=(r"(?!)",))  # nothing 2-D falls back by name
 
     def classify(self, name, p):
-        if p.dim() < 2:
+        if len(logical_shape(p)) < 2:
             return ADAMW
         if name is not None and any(r.search(name) for r in self._head_re):
             return SCALE_HEAD
