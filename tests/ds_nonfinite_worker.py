@@ -194,7 +194,8 @@ def _run_one(cfg: dict) -> dict:
         _, skipped, by_deepspeed = step(i)
         poison["name"] = None
         after = _snapshot(engine, inner)
-        cases[f"{bad}-{where}"] = {"target": name, "held": [h.get(name) for h in held], "skipped": skipped, "by_deepspeed": by_deepspeed,
+        cases[f"{bad}-{where}"] = {"target": name, "held": [h.get(name) for h in held], "skipped": skipped,
+                                   "by_deepspeed": by_deepspeed,
                                    **_same(before, after)}
     before = _snapshot(engine, inner)
     loss, skipped, _ = step(len(CASES) + 1)
