@@ -185,6 +185,12 @@ def world_size_from_env() -> int:
     return 1
 
 
+def _our_optimizers() -> dict:
+    from sinkgd_ds.integrations.deepspeed import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
 def known_optimizers() -> list[str]:
     import torch
 
@@ -210,6 +216,15 @@ def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batc
     if opt["type"].lower() not in {n.lower() for n in known}:
         raise ConfigError(f"{path}: optimizer.type={opt['type']!r} is not a known optimizer."
                           f"{_closest(opt['type'], known)} sinkgd_ds provides SinkGD, SCALE, SWAN.")
+    ours = {n.lower(): cls for n, cls in _our_optimizers().items()}
+    if opt["type"].lower() in ours:
+        params = opt.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: optimizer.params={params!r} must be an object")
+        try:  # the optimizer's own checks, before any process group exists
+            ours[opt["type"].lower()].check_options(f"{path}: optimizer.params", **params)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if opt["type"].lower() in ("adam", "adamw") and not opt.get("params", {}).get("torch_adam"):
         raise ConfigError(f"{path}: optimizer {opt['type']} without \"torch_adam\": true JIT-builds FusedAdam "
                           "(minutes, and GPU only); add \"torch_adam\": true to its params")

@@ -43,9 +43,34 @@ def check_name(config: Any) -> None:
                      f" megatron_patch adds {', '.join(OURS)}.")
 
 
+# config field -> the optimizer's constructor key, per optimizer (and the fields every one reads)
+_COMMON_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "sinkgd_lr_scale": "lr_scale", "adam_eps": "eps"}
+_FIELDS = {"sinkgd": {"sinkgd_iters": "sinkhorn_iters"}, "scale": {"scale_momentum": "momentum"},
+           "swan": {"swan_ns_steps": "ns_steps"}}
+_CLASSES = {"sinkgd": SinkGD, "scale": SCALE, "swan": SWAN}
+
+
+def check_hyperparameters(config: Any) -> None:
+    """Each of our config fields (Megatron-LM flags ``--sinkgd-iters`` ...) through the optimizer's own checks,
+    so that a bad value is named by its field and flag before anything is built."""
+    name = config.optimizer.lower()
+    cls = _CLASSES[name]
+    for field, key in {**_COMMON_FIELDS, **_FIELDS[name]}.items():
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        cls.check_options(f"megatron_patch: {field}={value!r} (--{field.replace('_', '-')})", **{key: value})
+    betas = (getattr(config, "adam_beta1", 0.9), getattr(config, "adam_beta2", 0.999))
+    cls.check_options(f"megatron_patch: adam_beta1/adam_beta2={betas!r}", betas=betas)
+    if config.lr is not None:
+        cls.check_options(f"megatron_patch: lr={config.lr!r} with weight_decay={config.weight_decay!r}",
+                          lr=config.lr, weight_decay=config.weight_decay)
+
+
 def check_config(config: Any, param_groups: list[dict], model_chunks: list) -> None:
     """Reject combinations we do not handle, before anything is built."""
     name = config.optimizer.lower()
+    check_hyperparameters(config)
     bad = []
     if config.fp16:
         bad.append("fp16 (dynamic loss scaling is untested with these optimizers; use bf16)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -69,3 +71,40 @@ def one_of(where: str, key: str, value: Any, allowed: Iterable[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{where}: {key}={value!r} is not allowed; use one of {', '.join(map(repr, allowed))}")
     return value
+
+
+def int_in_range(where: str, key: str, value: Any, low: int, high: int) -> int:
+    """An integer count with a sane ceiling: a loop count of 10**9 would never finish, so it is refused."""
+    int_at_least(where, key, value, low)
+    if value > high:
+        raise ValueError(f"{where}: {key}={value!r} is not allowed; it must be an integer in [{low}, {high}]")
+    return value
+
+
+def warn_above(where: str, key: str, value: float, limit: float, why: str) -> None:
+    """Accepted, but far from every published setting: say so once at construction."""
+    if value > limit:
+        warnings.warn(f"{where}: {key}={value!r} is unusually large (> {limit}); {why}", UserWarning, stacklevel=4)
+
+
+def decay_factor(where: str, lr: float, weight_decay: float, step_scale: float = 1.0) -> None:
+    """Decoupled weight decay multiplies weights by 1 - lr * step_scale * weight_decay: it must stay positive."""
+    if lr * step_scale * weight_decay >= 1.0:
+        raise ValueError(f"{where}: weight_decay={weight_decay!r} with lr={lr!r} is not allowed: the decoupled decay "
+                         f"factor 1 - lr * weight_decay would be <= 0 (weights flipped or zeroed every step); "
+                         f"it needs lr * weight_decay < 1")
+
+
+def regex_list(where: str, key: str, value: Any) -> list[re.Pattern]:
+    """Parameter-name patterns: a list of regular expressions (a bare string would be split into letters)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: {key}={value!r} must be a list of regular expressions, got {type(value).__name__}")
+    out = []
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise ValueError(f"{where}: {key} holds {pattern!r}; each entry must be a regular expression string")
+        try:
+            out.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"{where}: {key} entry {pattern!r} is not a valid regular expression ({e})") from None
+    return out

@@ -9,7 +9,6 @@ this class a layout (``set_layout``) describing the pieces each inner tensor hol
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -72,7 +71,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._where = name
         self.nonfinite = hp.one_of(f"{name}()", "nonfinite", nonfinite, self.NONFINITE_MODES)
         self.last_skipped: list[str] = []  # nonfinite="matrix": what the last step left unchanged
-        self._fallback_re = [re.compile(p) for p in (fallback_patterns or DEFAULT_FALLBACK_PATTERNS)]
+        self._fallback_re = hp.regex_list(f"{name}()", "fallback_patterns",
+                                          DEFAULT_FALLBACK_PATTERNS if fallback_patterns is None else fallback_patterns)
         self._names: dict[int, str] = {}
         self._layouts: dict[int, list[MatrixSpec]] = {}
         self._group_layouts: dict[int, list[MatrixSpec]] = {}
@@ -84,6 +84,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.last_comm = CommStats()
         self._validate_group(defaults, f"{name}()")
         super().__init__(self._route(params, defaults), defaults)
+
+    @classmethod
+    def check_options(cls, where: str, **options: Any) -> None:
+        """Validate constructor options before any model exists (configs are checked before a process group
+        starts): the constructor's own checks, run on a probe matrix, with ``where`` naming the source."""
+        probe = torch.nn.Parameter(torch.zeros(2, 2))
+        try:
+            cls([("probe.weight", probe)], **options)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     # ------------------------------------------------------------------ parameter routing
     def classify(self, name: str | None, p: torch.Tensor) -> str:
@@ -149,8 +159,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         for key, value in g.items():
             if key in ("lr", "weight_decay"):
                 hp.non_negative(where, key, value)
+                if key == "lr":
+                    hp.warn_above(where, key, value, 1.0, "the papers' global lr is 0.02 (matrices step lr * lr_scale)")
             elif key in ("lr_scale", "eps"):
                 hp.positive(where, key, value)
+                if key == "lr_scale":
+                    hp.warn_above(where, key, value, 1.0, "matrices step lr * lr_scale; the papers use 0.05")
             elif key == "betas":
                 hp.betas_pair(where, key, value)
             elif key == "kind" and value is not None and value not in (ADAMW, *self.MATRIX_KINDS):
@@ -158,6 +172,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                  f"{', '.join((ADAMW, *self.MATRIX_KINDS))}")
             else:
                 self._validate_extra(where, key, value)
+        if isinstance(g.get("lr"), (int, float)) and isinstance(g.get("weight_decay"), (int, float)):
+            hp.decay_factor(where, g["lr"], g["weight_decay"])
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         """Subclass hook for its own keys."""

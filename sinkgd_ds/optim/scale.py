@@ -16,7 +16,6 @@ Defaults: lr=0.02 (AdamW groups; the official adam_lr default) with lr_scale=0.0
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -43,10 +42,10 @@ class SCALE(MatrixOptimizer):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
                                 [*self.GROUP_KEYS, "head_patterns", "embed_patterns"])
-        self._head_re = [re.compile(p) for p in head_patterns]
-        self._embed_re = [re.compile(p) for p in embed_patterns]
+        self._head_re = hp.regex_list(f"{type(self).__name__}()", "head_patterns", head_patterns)
+        self._embed_re = hp.regex_list(f"{type(self).__name__}()", "embed_patterns", embed_patterns)
         defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, weight_decay=weight_decay,
-                        betas=tuple(betas), eps=eps, kind=None)
+                        betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
         super().__init__(params, defaults, fallback_patterns=(r"(?!)",))  # nothing 2-D falls back by name
 
     def classify(self, name, p):

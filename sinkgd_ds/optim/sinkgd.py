@@ -78,7 +78,9 @@ class SinkGD(MatrixOptimizer):
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         if key == "sinkhorn_iters":
-            hp.int_at_least(where, key, value, 1)
+            hp.int_in_range(where, key, value, 1, 1000)  # each one is a pass over every gradient
+            hp.warn_above(where, key, value, 20,
+                          "Sinkhorn passes (the paper uses 5; the scaling has converged long before 20)")
 
     def _prepare_matrices(self, group, final=False):
         return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"], final=final)

@@ -80,12 +80,13 @@ class SWAN(MatrixOptimizer):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown, [*self.GROUP_KEYS, "fallback_patterns"])
         defaults = dict(lr=lr, lr_scale=lr_scale, ns_steps=ns_steps, weight_decay=weight_decay,
-                        betas=tuple(betas), eps=eps, kind=None)
+                        betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
         super().__init__(params, defaults, fallback_patterns)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         if key == "ns_steps":
-            hp.int_at_least(where, key, value, 1)
+            hp.int_in_range(where, key, value, 1, 1000)  # each one is a pass over every gradient
+            hp.warn_above(where, key, value, 20, "Newton-Schulz steps (the paper uses 5)")
 
     def _prepare_matrices(self, group, final=False):  # (whitening needs the whole matrix: always two phases)
         specs = [s for s in self.matrix_specs(group) if not s.is_local or has_grad(s)]
