@@ -8,7 +8,9 @@ What ``register()`` changes in DeepSpeed, and nothing else:
     unknown ``type`` into a ValueError that suggests the closest name;
   * ``DeepSpeedEngine._configure_optimizer`` tags parameter names before the optimizer is built
     (so embeddings / LM head route to AdamW) and, once DeepSpeed has wrapped it, describes the
-    ZeRO partitions to it (``describe_layout``) from DeepSpeed's own bookkeeping.
+    ZeRO partitions to it (``describe_layout``) from DeepSpeed's own bookkeeping, turns on ZeRO-1/2's
+    all-group gradient overflow check (it steps the inner optimizer one param group at a time) and
+    gives sharded layouts the world as the group that shares the non-finite verdict.
 If any of these DeepSpeed internals is missing, registration fails loudly with the version.
 """
 
