@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from sinkgd_ds.integrations.megatron import describe_layout, require
 from sinkgd_ds.optim import SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_names
+from sinkgd_ds.optim.base import engine_param_groups
 
 from .config import OURS
 from .wrappers import SinkDistributedOptimizer, SinkFloat16Optimizer, SinkFP32Optimizer, init_state
@@ -102,12 +103,13 @@ def build_inner(config: Any, param_groups: list[dict]) -> MatrixOptimizer:
                   lr_scale=getattr(config, "sinkgd_lr_scale", 0.05),
                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     groups = [{"params": g["params"]} for g in param_groups if g["params"]]
-    if name == "sinkgd":
-        inner: MatrixOptimizer = SinkGD(groups, sinkhorn_iters=getattr(config, "sinkgd_iters", 5), **common)
-    elif name == "scale":
-        inner = SCALE(groups, momentum=getattr(config, "scale_momentum", 0.9), **common)
-    else:
-        inner = SWAN(groups, ns_steps=getattr(config, "swan_ns_steps", 5), **common)
+    with engine_param_groups():  # Megatron shards and checkpoints per group: one kind per group
+        if name == "sinkgd":
+            inner: MatrixOptimizer = SinkGD(groups, sinkhorn_iters=getattr(config, "sinkgd_iters", 5), **common)
+        elif name == "scale":
+            inner = SCALE(groups, momentum=getattr(config, "scale_momentum", 0.9), **common)
+        else:
+            inner = SWAN(groups, ns_steps=getattr(config, "swan_ns_steps", 5), **common)
     source = {id(p): g for g in param_groups for p in g["params"]}
     for group in inner.param_groups:
         src = source[id(group["params"][0])]

@@ -57,7 +57,7 @@ def init_state(opt: MatrixOptimizer, config: Any = None) -> None:
     Zero state is what a first step starts from (AdamW ``step`` 0, zero moments), so an
     initialised-but-not-loaded optimizer steps exactly like a fresh one.
     """
-    for g in opt.param_groups:
+    for g in opt.kind_groups():
         keys = state_keys(g["kind"])
         for p in g["params"]:
             if not keys:

@@ -19,6 +19,7 @@ import torch
 megatron_patch = pytest.importorskip("megatron_patch")
 from megatron_patch.wrappers import init_state, state_keys  # noqa: E402
 from sinkgd_ds.optim import SCALE, SWAN, SinkGD  # noqa: E402
+from sinkgd_ds.optim.base import engine_param_groups  # noqa: E402
 
 
 def _named_params(seed: int = 0):
@@ -32,7 +33,8 @@ def _named_params(seed: int = 0):
 def test_init_state_is_what_a_step_creates(cls):
     """init_state allocates exactly the keys, shapes and dtypes a real step creates (no more: matrices none),
     and zero state steps like a fresh optimizer (bitwise)."""
-    stepped, fresh, inited = (cls(_named_params(), lr=0.02) for _ in range(3))
+    with engine_param_groups():  # as megatron_patch builds them: one kind per group
+        stepped, fresh, inited, init_only = (cls(_named_params(), lr=0.02) for _ in range(4))
     init_state(inited)
     g = torch.Generator().manual_seed(1)
     grads = [[torch.randn(p.shape, generator=g) for p in grp["params"]] for grp in stepped.param_groups]
@@ -41,7 +43,6 @@ def test_init_state_is_what_a_step_creates(cls):
             for p, gr in zip(grp["params"], gs):
                 p.grad = gr.clone()
     stepped.step()
-    init_only = cls(_named_params(), lr=0.02)
     init_state(init_only)
     for g_step, g_init in zip(stepped.param_groups, init_only.param_groups):
         assert g_step["kind"] == g_init["kind"]

@@ -168,18 +168,32 @@ def test_lr_schedulers_absolute_and_multiplicative():
 def test_routing_rules():
     model = TinyLM()
     opt = SinkGD(model.named_parameters())
-    kinds = {id(p): g["kind"] for g in opt.param_groups for p in g["params"]}
-    assert kinds[id(model.up.weight)] == kinds[id(model.down.weight)] == "sinkgd"
-    for p in (model.embed_tokens.weight, model.lm_head.weight, model.norm.weight, model.up.bias):
-        assert kinds[id(p)] == "adamw"
+    assert len(opt.param_groups) == 1  # the user's own group; kinds are per parameter
+    kinds = opt.param_kinds()
+    assert kinds["up.weight"] == kinds["down.weight"] == "sinkgd"
+    for n in ("embed_tokens.weight", "lm_head.weight", "norm.weight", "up.bias"):
+        assert kinds[n] == "adamw"
     # explicit groups with per-group overrides and a forced kind
     opt = SinkGD([{"params": [model.up.weight], "sinkhorn_iters": 2, "kind": "adamw"},
                   {"params": [model.down.weight], "lr": 0.5}], lr=0.1)
     assert [(g["kind"], g["sinkhorn_iters"], g["lr"]) for g in opt.param_groups] == [
-        ("adamw", 2, 0.1), ("sinkgd", 5, 0.5)]
-    scale = SCALE(model.named_parameters())
-    kinds = {id(p): g["kind"] for g in scale.param_groups for p in g["params"]}
-    assert kinds[id(model.lm_head.weight)] == "scale_head" and kinds[id(model.embed_tokens.weight)] == "scale_embed"
+        ("adamw", 2, 0.1), (None, 5, 0.5)]
+    assert [g["kind"] for g in opt.kind_groups()] == ["adamw", "sinkgd"]
+    kinds = SCALE(model.named_parameters()).param_kinds()
+    assert kinds["lm_head.weight"] == "scale_head" and kinds["embed_tokens.weight"] == "scale_embed"
+
+
+def test_engine_param_groups_split_by_kind():
+    """Inside engine_param_groups (how DeepSpeed and Megatron build us) a group holds one kind only, in order."""
+    from sinkgd_ds.optim.base import engine_param_groups
+
+    model = TinyLM()
+    with engine_param_groups():
+        opt = SinkGD(model.named_parameters())
+    assert [(g["kind"], [opt._name(p) for p in g["params"]]) for g in opt.param_groups] == [
+        ("adamw", ["embed_tokens.weight", "norm.weight", "norm.bias", "up.bias", "lm_head.weight"]),
+        ("sinkgd", ["up.weight", "down.weight"])]
+    assert all("param_names" not in g for g in opt.param_groups)  # the engines swap in flat partitions
 
 
 BAD = [
@@ -281,7 +295,7 @@ def test_last_group_applies_with_its_verdict_only_when_nothing_can_veto(cls, bad
         torch.manual_seed(0)
         params = dict(TinyLM().named_parameters())
         opt = cls([(n, params[n]) for n in names], lr=0.01)
-        assert [g["kind"] for g in opt.param_groups] == ["adamw", cls.MATRIX_KINDS[0]]
+        assert [g["kind"] for g in opt.kind_groups()] == ["adamw", cls.MATRIX_KINDS[0]]
         group = _CountingGroup()
         opt.set_layout((), consensus_group=group if consensus else None)
         calls.clear()

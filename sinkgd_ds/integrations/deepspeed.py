@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..layout import FlatMatrix, Fragment, MatrixSpec, flat_partition_specs
 from ..optim import ADAMW, SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_names
+from ..optim.base import engine_param_groups
 from . import require_internal
 
 log = logging.getLogger("sinkgd_ds")
@@ -81,7 +82,7 @@ def zero12_specs(zero, inner: MatrixOptimizer) -> list[MatrixSpec]:
         size = int(_require(zero, "partition_size")[i])
         params = _require(zero, "round_robin_bit16_groups")[i]
         metas = getattr(zero, "round_robin_bit16_meta", [params] * (i + 1))[i]
-        mats = [FlatMatrix(inner._names.get(id(p), f"group{i}.param{k}"), matrix_shape(meta.shape), int(off))
+        mats = [FlatMatrix(inner._name(p) or f"group{i}.param{k}", matrix_shape(meta.shape), int(off))
                 for k, (p, meta, off) in enumerate(zip(params, metas, offsets_all[i]))]
         bounds = [(r * size, (r + 1) * size) for r in range(world)]
         part = _require(zero, "single_partition_of_fp32_groups")[i]
@@ -101,7 +102,7 @@ def bf16_specs(bf16, inner: MatrixOptimizer) -> list[MatrixSpec]:
         size = flat.numel() // world
         mats, off = [], 0
         for k, p in enumerate(_require(bf16, "bf16_groups")[i]):
-            mats.append(FlatMatrix(inner._names.get(id(p), f"group{i}.param{k}"), matrix_shape(p.shape), off))
+            mats.append(FlatMatrix(inner._name(p) or f"group{i}.param{k}", matrix_shape(p.shape), off))
             off += p.numel()
         bounds = [(r * size, (r + 1) * size) for r in range(world)]
         part = _require(bf16, "fp32_groups_flat_partition")[i]
@@ -128,7 +129,7 @@ def zero3_specs(z3, inner: MatrixOptimizer) -> list[MatrixSpec]:
             shared = world > 1 and numel > ps
             if k or shared:
                 frags = (Fragment(owner, off, start, k),) if k else ()
-                specs.append(MatrixSpec(inner._names.get(id(p), f"subgroup{sg}.ds{p.ds_id}"),
+                specs.append(MatrixSpec(inner._name(p) or f"subgroup{sg}.ds{p.ds_id}",
                                         matrix_shape(p.ds_shape), frags, owner=owner,
                                         shard_group=group if shared else None))
             off += ps
@@ -232,7 +233,10 @@ def _hook_configure_optimizer(orig):
             tag_parameter_names(self.module.named_parameters())
         if ours:
             _check_config(self)
-        orig(self, client_optimizer, model_parameters)
+        if isinstance(client_optimizer, MatrixOptimizer):
+            client_optimizer.split_param_groups_by_kind()  # ZeRO flattens per group: one kind per group
+        with engine_param_groups():  # (the JSON path builds our optimizer inside)
+            orig(self, client_optimizer, model_parameters)
         if isinstance(self.basic_optimizer, MatrixOptimizer):
             _check_config(self)
             describe_layout(self.optimizer, self.basic_optimizer, consensus_group(self))

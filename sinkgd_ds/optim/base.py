@@ -8,8 +8,11 @@ this class a layout (``set_layout``) describing the pieces each inner tensor hol
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -28,6 +31,25 @@ ADAMW = "adamw"
 DEFAULT_FALLBACK_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"output_layer")
 NAME_ATTR = "_sinkgd_name"  # integrations tag parameters with their module name here
 LAYOUT_KEY = "layout_id"  # param-group key naming a group-level layout (set_layout(group_specs=...))
+# group keys that torch, its LR schedulers and our integrations add to groups (accepted, never user settings)
+MANAGED_KEYS = ("param_names", "initial_lr", "differentiable", LAYOUT_KEY)
+_ENGINE_GROUPS: ContextVar[bool] = ContextVar("sinkgd_ds_engine_groups", default=False)
+
+
+@contextlib.contextmanager
+def engine_param_groups() -> Iterator[None]:
+    """Optimizers built inside this context keep one param group per (user group, kind).
+
+    ZeRO flattens each param group into one buffer and Megatron's distributed optimizer shards each group
+    on its own; a stateless matrix group and an AdamW group must not share a buffer (AdamW's moments would
+    then cover the matrices too). The integrations build our optimizers inside this context; everywhere
+    else ``param_groups`` are the user's own groups, as with torch's optimizers.
+    """
+    token = _ENGINE_GROUPS.set(True)
+    try:
+        yield
+    finally:
+        _ENGINE_GROUPS.reset(token)
 
 
 def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -65,25 +87,109 @@ class MatrixOptimizer(torch.optim.Optimizer):
     #: implement _step_matrices_skipping list it here)
     NONFINITE_MODES: tuple[str, ...] = ("step",)
 
+    #: instance attributes that are configuration or counters (kept by copy.deepcopy and pickle); the rest are
+    #: caches derived from these and from param_groups, rebuilt after a copy
+    PERSISTENT = ("_where", "nonfinite", "fallback_patterns", "split_by_kind", "skipped_steps", "last_step_skipped",
+                  "last_skipped", "_layout_specs", "_group_layouts", "_consensus_group")
+
     def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None,
-                 nonfinite: str = "step"):
-        name = type(self).__name__
-        self._where = name
-        self.nonfinite = hp.one_of(f"{name}()", "nonfinite", nonfinite, self.NONFINITE_MODES)
-        self.last_skipped: list[str] = []  # nonfinite="matrix": what the last step left unchanged
-        self._fallback_re = hp.regex_list(f"{name}()", "fallback_patterns",
-                                          DEFAULT_FALLBACK_PATTERNS if fallback_patterns is None else fallback_patterns)
-        self._names: dict[int, str] = {}
-        self._layouts: dict[int, list[MatrixSpec]] = {}
+                 nonfinite: str = "step", config: dict[str, Any] | None = None):
+        # Nothing is set on self before Optimizer.__init__: when the optimizer is built inside a function that
+        # torch.compile traces, attributes stored before it are lost. Everything is checked first (on locals),
+        # torch adds the groups as given, then _configure (run eagerly) sets the attributes and routes them.
+        where = f"{type(self).__name__}()"
+        nonfinite = hp.one_of(where, "nonfinite", nonfinite, self.NONFINITE_MODES)
+        patterns = DEFAULT_FALLBACK_PATTERNS if fallback_patterns is None else fallback_patterns
+        hp.regex_list(where, "fallback_patterns", patterns)
+        self._validate_group(defaults, where)
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, but "
+                            f"got {torch.typename(params)}")
+        params = list(params)
+        _check_naming(params, type(self).__name__)
+        split = _ENGINE_GROUPS.get()
+        super().__init__(params, defaults)
+        self._configure(dict(nonfinite=nonfinite, fallback_patterns=tuple(patterns), split_by_kind=split,
+                             **(config or {})))
+
+    @torch._disable_dynamo
+    def _configure(self, config: dict[str, Any]) -> None:
+        """The attributes, then every group again through our add_param_group (validated and routed)."""
+        self._where = type(self).__name__
+        self.__dict__.update(config)
+        self._layout_specs: list[MatrixSpec] = []
         self._group_layouts: dict[int, list[MatrixSpec]] = {}
-        self._dense_specs: dict[int, MatrixSpec] = {}
-        self._batches: dict[tuple, MatrixBatch] = {}
         self._consensus_group = None
         self.skipped_steps = 0
         self.last_step_skipped = False
+        self.last_skipped: list[str] = []  # nonfinite="matrix": what the last step left unchanged
+        self._reset_caches()
+        groups, self.param_groups = self.param_groups, []
+        for g in groups:
+            g = dict(g)
+            names = g.pop("param_names", None)
+            g["params"] = list(zip(names, g["params"])) if names is not None else g["params"]
+            self.add_param_group(g)
+        self._require_a_matrix()
+        unnamed = [p for g in self.param_groups for p in g["params"]
+                   if self._kind(g, p) != ADAMW and self._name(p) is None]
+        if unnamed and not any(g.get("kind") for g in self.param_groups):
+            log.warning("%s: %d matrix parameters came without names, so none can be recognised as an embedding "
+                        "or LM head (those stay on AdamW in the papers). Pass model.named_parameters().",
+                        self._where, len(unnamed))
+
+    def _reset_caches(self, groups: Sequence[dict[str, Any]] = ()) -> None:
+        """Everything derived (rebuilt after copy.deepcopy / unpickling, from ``groups``: the param groups once
+        they exist; no attribute is probed for, so dynamo can trace the constructor)."""
+        self._compile_patterns()
         self.last_comm = CommStats()
-        self._validate_group(defaults, f"{name}()")
-        super().__init__(self._route(params, defaults), defaults)
+        self._names: dict[int, str] = {}
+        self._kinds: dict[int, str] = {}
+        self._layouts: dict[int, list[MatrixSpec]] = {}
+        for spec in self._layout_specs:
+            self._layouts.setdefault(id(spec.owner), []).append(spec)
+        self._dense_specs: dict[int, MatrixSpec] = {}
+        self._shadows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._batches: dict[tuple, MatrixBatch] = {}
+        self._verdict = torch.zeros(1)
+        for g in groups:  # names given as (name, tensor) pairs live in the groups
+            for name, p in zip(g.get("param_names", ()), g["params"]):
+                self._names[id(p)] = name
+
+    def _compile_patterns(self) -> None:
+        self._fallback_re = hp.regex_list(self._where, "fallback_patterns", self.fallback_patterns)
+
+    # ------------------------------------------------------------------ copies (torch keeps only 3 attributes)
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self.PERSISTENT if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_caches(self.param_groups)
+
+    def __deepcopy__(self, memo: dict) -> MatrixOptimizer:
+        """A copy with its own tensors and state that shares the process groups (communicators are never
+        copied), so the copy of a sharded inner optimizer steps its copied partitions with the same layout."""
+        for group in self._process_groups():
+            memo[id(group)] = group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __reduce_ex__(self, protocol):
+        if any(isinstance(g, dist.ProcessGroup) for g in self._process_groups()):
+            raise TypeError(f"{self._where}: this optimizer's layout (set by DeepSpeed / Megatron) holds process "
+                            "groups, which cannot be pickled; save optimizer.state_dict() (or the engine's checkpoint)"
+                            " instead, or copy.deepcopy it within the process")
+        return super().__reduce_ex__(protocol)
+
+    def _process_groups(self) -> list[object]:
+        specs = [*self._layout_specs, *(s for g in self._group_layouts.values() for s in g)]
+        groups = [self._consensus_group, *(x for s in specs for x in (s.shard_group, s.row_group, s.col_group))]
+        return list({id(g): g for g in groups if g is not None}.values())
 
     @classmethod
     def check_options(cls, where: str, **options: Any) -> None:
@@ -105,58 +211,123 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _is_fallback_name(self, name: str | None) -> bool:
         return name is not None and any(r.search(name) for r in self._fallback_re)
 
-    def _route(self, params: Any, defaults: dict[str, Any]) -> list[dict[str, Any]]:
-        if isinstance(params, torch.Tensor):
-            raise ValueError(f"{self._where}: params must be an iterable of tensors or dicts, got a single tensor")
-        raw = list(params)
-        if not raw:
-            raise ValueError(f"{self._where}: got an empty parameter list")
-        groups = raw if isinstance(raw[0], dict) else [{"params": raw}]
-        routed: list[dict[str, Any]] = []
-        unnamed_matrices = 0
-        for gi, g in enumerate(groups):
-            if not isinstance(g, dict) or "params" not in g:
-                raise ValueError(f"{self._where}: param group {gi} must be a dict with a 'params' key")
-            self._validate_group(g, f"{self._where} param group {gi}")
-            items = g["params"]
-            items = [items] if isinstance(items, torch.Tensor) else list(items)
+    def _name(self, p: torch.Tensor) -> str | None:
+        return self._names.get(id(p)) or getattr(p, NAME_ATTR, None)
+
+    def _kind(self, group: dict[str, Any], p: torch.Tensor) -> str:
+        """The kind that steps ``p``: its group's ``kind`` when set, else what :meth:`classify` says (cached)."""
+        if group.get("kind"):
+            return group["kind"]
+        kind = self._kinds.get(id(p))
+        if kind is None:
+            kind = self._kinds[id(p)] = self.classify(self._name(p), p)
+        return kind
+
+    def param_kinds(self) -> dict[str, str]:
+        """Every parameter's kind, by name (else shape): which update rule steps it."""
+        return {self._label(p): self._kind(g, p) for g in self.param_groups for p in g["params"]}
+
+    @torch._disable_dynamo
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, validated, with the parameters' kinds decided here.
+
+        Parameters may be tensors or ``(name, tensor)`` pairs (torch then keeps ``param_names``), the same
+        in every group. With :attr:`split_by_kind` the group is added as one group per kind, in order, of bare
+        tensors.
+        """
+        if "_where" not in self.__dict__:  # inside Optimizer.__init__: _configure adds every group again
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        where = f"{self._where} param group {len(self.param_groups)}"
+        if "params" not in param_group:
+            raise ValueError(f"{where}: a param group needs a 'params' key")
+        self._validate_group(param_group, where)
+        items = param_group["params"]
+        if isinstance(items, set):
+            raise TypeError(f"{where}: parameters must be an ordered collection (a set's order changes between "
+                            "runs); use a list")
+        items = [items] if isinstance(items, torch.Tensor) else list(items)
+        named = [isinstance(it, tuple) for it in items]
+        has_names = [("param_names" in g) for g in self.param_groups]
+        if any(named) and not all(named) or (not self.split_by_kind and has_names and items
+                                             and has_names[0] != named[0]):
+            raise ValueError(f"{where}: named ((name, tensor) pairs) and unnamed parameters are mixed in one "
+                             "optimizer; pass model.named_parameters() everywhere, or bare tensors everywhere")
+        pairs = [it if isinstance(it, tuple) else (getattr(it, NAME_ATTR, None), it) for it in items]
+        for pname, p in pairs:
+            if not isinstance(pname, (str, type(None))) or not isinstance(p, torch.Tensor):
+                raise TypeError(f"{where}: optimizer can only optimize Tensors (or (name, Tensor) pairs), but one "
+                                f"of the params is {type(p).__name__}")
+            if pname is not None:
+                self._names[id(p)] = pname
+            kind = self._kind(param_group, p)
+            if kind != ADAMW and p.is_complex():
+                raise ValueError(f"{where}: parameter {self._label(p)!r} is complex ({p.dtype}); {self._where}'s "
+                                 f"{kind} update is defined for real matrices only. Give it kind 'adamw' (AdamW on "
+                                 "its real and imaginary parts, as torch's AdamW does) or view it as real")
+        if not self.split_by_kind:
+            super().add_param_group({**param_group, "params": items})
+            return
+        # (bare tensors: the engines replace a group's tensors by flat partitions, which names would not fit;
+        # the names stay known to this optimizer for routing and messages)
+        by_kind: dict[str, list[torch.Tensor]] = {}
+        for _, p in pairs:
+            by_kind.setdefault(self._kind(param_group, p), []).append(p)
+        for kind, tensors in by_kind.items():
+            super().add_param_group({**param_group, "params": tensors, "kind": kind})
+
+    def split_param_groups_by_kind(self) -> None:
+        """Turn the user's groups into one group per (group, kind), for an engine that shards per group
+        (a client optimizer handed to DeepSpeed). Only before the first step."""
+        if self.split_by_kind:
+            return
+        if any(self.state.values()) or any("initial_lr" in g for g in self.param_groups):
+            raise RuntimeError(f"{self._where}: its param groups are split per kind for DeepSpeed, which must happen "
+                               "before the first step and before an LR scheduler is attached; build the scheduler "
+                               "after deepspeed.initialize (or in the DeepSpeed config)")
+        groups, self.param_groups = self.param_groups, []
+        self.split_by_kind = True
+        for g in groups:
+            g = dict(g)
+            names = g.pop("param_names", None)
+            if names is not None:
+                g["params"] = list(zip(names, g["params"]))
+            self.add_param_group(g)
+
+    def _require_a_matrix(self) -> None:
+        if any(self._kind(g, p) != ADAMW for g in self.param_groups for p in g["params"]):
+            return
+        count = sum(len(g["params"]) for g in self.param_groups)
+        raise ValueError(
+            f"{self._where}: none of the {count} parameters is a matrix that {self._where} normalises (every one "
+            "is 1-D or an embedding / LM head by name), so all of them would be trained by the AdamW fallback. "
+            "If that is what you want, use torch.optim.AdamW; if the model has matrices, pass its parameters "
+            "(under deepspeed.zero.Init they are routed by ds_shape)")
+
+    def kind_groups(self) -> list[dict[str, Any]]:
+        """The step's work list: one group per kind. A user group that mixes kinds is viewed as one group per
+        kind, in order of first appearance, each a copy of the group's settings (so an engine-split optimizer and
+        a mirrored one run the same groups in the same order)."""
+        out = []
+        for group in self.param_groups:
+            if group.get("kind"):
+                out.append(group)
+                continue
             by_kind: dict[str, list[torch.Tensor]] = {}
-            for item in items:
-                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                    pname, p = item
-                else:
-                    pname, p = getattr(item, NAME_ATTR, None), item
-                if not isinstance(p, torch.Tensor):
-                    raise ValueError(f"{self._where}: param group {gi} holds a {type(p).__name__}, not a tensor")
-                if pname is not None:
-                    self._names[id(p)] = pname
-                # (an explicit kind is the caller's: a flat partition whose layout set_layout will describe)
-                kind = g.get("kind") or self.classify(pname, p)
-                if not g.get("kind") and kind != ADAMW and pname is None:
-                    unnamed_matrices += 1
-                by_kind.setdefault(kind, []).append(p)
+            for p in group["params"]:
+                by_kind.setdefault(self._kind(group, p), []).append(p)
             for kind, ps in by_kind.items():
-                group = {k: v for k, v in g.items() if k != "params"}
-                group.update(params=ps, kind=kind)
-                routed.append(group)
-        if not any(g["kind"] != ADAMW for g in routed):
-            count = sum(len(g["params"]) for g in routed)
-            raise ValueError(
-                f"{self._where}: none of the {count} parameters is a matrix that {self._where} normalises (every one "
-                "is 1-D or an embedding / LM head by name), so all of them would be trained by the AdamW fallback. "
-                "If that is what you want, use torch.optim.AdamW; if the model has matrices, pass its parameters "
-                "(under deepspeed.zero.Init they are routed by ds_shape)")
-        if unnamed_matrices:
-            log.warning(
-                "%s: %d matrix parameters came without names, so none can be recognised as an embedding "
-                "or LM head (those stay on AdamW in the papers). Pass model.named_parameters().",
-                self._where, unnamed_matrices,
-            )
-        return routed
+                out.append({**group, "params": ps, "kind": kind})
+        return out
 
     def _validate_group(self, g: dict[str, Any], where: str) -> None:
-        hp.check_known_keys(where, g, self.GROUP_KEYS if "params" in g else set(self.GROUP_KEYS) - {"params"})
+        allowed = self.GROUP_KEYS if "params" in g else set(self.GROUP_KEYS) - {"params"}
+        hp.check_known_keys(where, {k: v for k, v in g.items() if k not in MANAGED_KEYS}, allowed)
         for key, value in g.items():
+            if key in MANAGED_KEYS:
+                continue
             if key in ("lr", "weight_decay"):
                 hp.non_negative(where, key, value)
                 if key == "lr":
@@ -195,11 +366,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{self._where}: nonfinite={self.nonfinite!r} is only supported for unsharded parameters "
                              "(plain torch, DDP); under DeepSpeed or Megatron use nonfinite='step' (the default), "
                              "which skips the whole step on every rank alike")
-        self._layouts = {}
-        self._batches = {}
-        for spec in specs:
-            self._layouts.setdefault(id(spec.owner), []).append(spec)
+        self._layout_specs = list(specs)
         self._group_layouts = {}
+        self._reset_caches(self.param_groups)
         for idx, gspecs in (group_specs or {}).items():
             self.param_groups[idx][LAYOUT_KEY] = idx
             self._group_layouts[idx] = list(gspecs)
@@ -223,16 +392,40 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _label(self, p: torch.Tensor) -> str:
         """How messages and ``last_skipped`` name a parameter: its model name, else its shape."""
-        return self._names.get(id(p)) or f"<{tuple(p.shape)} tensor>"
+        return self._name(p) or f"<{tuple(p.shape)} tensor>"
 
     def _dense_spec(self, p: torch.Tensor) -> MatrixSpec:
-        """The trivial layout of a whole parameter, built once (its segments cost ~0.2 ms/step to recompute)."""
-        spec = self._dense_specs.get(id(p))
-        if spec is None or spec.owner is not p or spec.fragments[0].numel != p.numel():
-            if not p.is_contiguous():
-                raise ValueError(f"{self._where}: parameter {self._label(p)!r} must be contiguous")
-            spec = self._dense_specs[id(p)] = dense_spec(p, self._label(p))
+        """The trivial layout of a whole parameter, built once (its segments cost ~0.2 ms/step to recompute).
+
+        A non-contiguous parameter (e.g. a transposed view) gets a contiguous stand-in: the engine works on the
+        stand-in, loaded from the parameter here and written back after the step (:meth:`_store_shadows`)."""
+        cached = self._dense_specs.get(id(p))
+        if cached is None or cached[0] is not p or cached[1].fragments[0].numel != p.numel() \
+                or (cached[1].owner is p) != p.is_contiguous():
+            target = p if p.is_contiguous() else torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            cached = self._dense_specs[id(p)] = (p, dense_spec(target, self._label(p)))
+        spec = cached[1]
+        if spec.owner is not p:
+            self._load_shadow(p, spec.owner)
         return spec
+
+    def _load_shadow(self, p: torch.Tensor, shadow: torch.Tensor) -> None:
+        with torch.no_grad():
+            shadow.copy_(p)
+        shadow.grad = None if p.grad is None else p.grad.contiguous()
+        if p in self.state:  # state is looked up by the tensor the engine sees (SCALE's head momentum)
+            self.state[shadow] = self.state[p]
+        self._shadows[id(shadow)] = (p, shadow)
+
+    def _store_shadows(self, applied: bool) -> None:
+        """After a step: write the stand-ins' new values into their non-contiguous parameters."""
+        for p, shadow in self._shadows.values():
+            if applied:
+                with torch.no_grad():
+                    p.copy_(shadow)
+            self.state.pop(shadow, None)
+            shadow.grad = None
+        self._shadows.clear()
 
     def matrix_batch(self, specs: Sequence[MatrixSpec], direction: Direction) -> MatrixBatch:
         """The engine's prepared form of ``specs`` (kept across steps: rebuilding it costs ~20 us per matrix)."""
@@ -249,11 +442,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return [p for p in group["params"] if p.grad is not None]
 
     def _adamw_apply(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """torch's AdamW (decoupled decay); a complex parameter is stepped as its real and imaginary parts, as
+        torch's AdamW does (``view_as_real``), so |g|^2 and not g^2 enters the second moment."""
         if not params:
             return
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
-        grads, m, v, steps = [], [], [], []
+        real = _as_real
+        grads, m, v, steps, ps = [], [], [], [], []
         for p in params:
             st = self.state[p]
             if not st:
@@ -261,16 +457,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["step"] += 1
-            grads.append(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype))
-            m.append(st["exp_avg"])
-            v.append(st["exp_avg_sq"])
+            grads.append(real(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)))
+            m.append(real(st["exp_avg"]))
+            v.append(real(st["exp_avg_sq"]))
+            ps.append(real(p))
             steps.append(float(st["step"]))
         if wd:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
         torch._foreach_lerp_(m, grads, 1.0 - b1)
         torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
-        for p, mi, vi, t in zip(params, m, v, steps):
+        for p, mi, vi, t in zip(ps, m, v, steps):
             bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
             denom = (vi.sqrt() / (bc2**0.5)).add_(eps)
             p.addcdiv_(mi, denom, value=-lr / bc1)
@@ -287,7 +484,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _agree(self, bad: bool) -> bool:
         if self._consensus_group is None or not dist.is_initialized():
             return bad
-        flag = torch.tensor([1.0 if bad else 0.0])
+        # One buffer for the optimizer's life: a tensor that a gloo work item still holds when Python drops it
+        # is freed on gloo's thread, which aborts the process if that happens while the interpreter exits.
+        flag = self._verdict
+        flag.fill_(1.0 if bad else 0.0)
         all_reduce_sum(flag, self._consensus_group)
         return bool(flag.item() > 0)
 
@@ -300,33 +500,37 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.last_comm = CommStats()
         if self.nonfinite == "matrix":
             self._step_skipping()
+            self._store_shadows(applied=True)  # (a skipped matrix's stand-in still holds its old values)
             return loss
         # The last group's verdict completes the step's when every earlier one is clean and no other rank has a
         # say; that group may then write its update in the same pass (plan["applied"]), e.g. one native call.
+        groups = self.kind_groups()
         alone = self._consensus_group is None or not dist.is_initialized()
-        last = len(self.param_groups) - 1
+        last = len(groups) - 1
         plans: list[dict[str, Any]] = []
         bad = False
-        for i, group in enumerate(self.param_groups):
+        for i, group in enumerate(groups):
             plans.append(self._prepare(group, final=alone and i == last and not bad))
             bad = bad or plans[-1].get("nonfinite", False)
         bad = self._agree(bad)
         self.last_step_skipped = bad
         if bad:
+            self._store_shadows(applied=False)
             self.skipped_steps += 1
             log.warning("%s: non-finite gradients, step skipped (no weight or state changed; %d skipped so far)",
                         self._where, self.skipped_steps)
             return loss
-        for group, plan in zip(self.param_groups, plans):
+        for group, plan in zip(groups, plans):
             if not plan.get("applied", False):
                 self._apply(group, plan)
+        self._store_shadows(applied=True)
         return loss
 
     def _step_skipping(self) -> None:
         """nonfinite="matrix": every group steps on its own; a matrix (or fallback parameter) whose gradient is
         non-finite is left unchanged, weights and state, and named in ``last_skipped``."""
         skipped: list[str] = []
-        for group in self.param_groups:
+        for group in self.kind_groups():
             if group["kind"] != ADAMW:
                 skipped += self._step_matrices_skipping(group)
                 continue
@@ -368,6 +572,24 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _apply_matrices(self, group: dict[str, Any], plan: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _check_naming(params: list, owner: str) -> None:
+    """All parameters named ((name, tensor) pairs) or none, across every group (torch checks within one)."""
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    kinds = set()
+    for g in groups:
+        items = g.get("params", []) if isinstance(g, dict) else []
+        items = [items] if isinstance(items, torch.Tensor) else items
+        if isinstance(items, (list, tuple)):
+            kinds.update(isinstance(it, tuple) for it in items)
+    if len(kinds) > 1:
+        raise ValueError(f"{owner}: named ((name, tensor) pairs) and unnamed parameters are mixed in one optimizer; "
+                         "pass model.named_parameters() everywhere, or bare tensors everywhere")
+
+
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def matrix_step_size(group: dict[str, Any]) -> float:

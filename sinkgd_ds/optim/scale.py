@@ -42,11 +42,19 @@ class SCALE(MatrixOptimizer):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
                                 [*self.GROUP_KEYS, "head_patterns", "embed_patterns"])
-        self._head_re = hp.regex_list(f"{type(self).__name__}()", "head_patterns", head_patterns)
-        self._embed_re = hp.regex_list(f"{type(self).__name__}()", "embed_patterns", embed_patterns)
+        hp.regex_list(f"{type(self).__name__}()", "head_patterns", head_patterns)
+        hp.regex_list(f"{type(self).__name__}()", "embed_patterns", embed_patterns)
         defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, weight_decay=weight_decay,
                         betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
-        super().__init__(params, defaults, fallback_patterns=(r"(?!)",))  # nothing 2-D falls back by name
+        super().__init__(params, defaults, fallback_patterns=(r"(?!)",),  # nothing 2-D falls back by name
+                         config=dict(head_patterns=tuple(head_patterns), embed_patterns=tuple(embed_patterns)))
+
+    PERSISTENT = (*MatrixOptimizer.PERSISTENT, "head_patterns", "embed_patterns")
+
+    def _compile_patterns(self) -> None:
+        super()._compile_patterns()
+        self._head_re = hp.regex_list(self._where, "head_patterns", self.head_patterns)
+        self._embed_re = hp.regex_list(self._where, "embed_patterns", self.embed_patterns)
 
     def classify(self, name, p):
         if len(logical_shape(p)) < 2:
@@ -81,7 +89,8 @@ class SCALE(MatrixOptimizer):
                 continue
             st = self.state[p]
             if HEAD_STATE not in st:
-                st[HEAD_STATE] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # (contiguous: the engine reads it as the flat rows of the matrix)
+                st[HEAD_STATE] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             st[HEAD_STATE].lerp_(p.grad.to(p.dtype), 1.0 - beta)
         group_plan = prepare_normalized(self, {**group, "params": [p for p in group["params"] if p.grad is not None]},
                                         ("row",), direction=self._momentum)
