@@ -19,7 +19,7 @@ demo: setup
 	bash launch/demo.sh
 
 lint: setup
-	$(PY) -m ruff check sinkgd_ds megatron_patch launch tests benchmarks
+	$(PY) -m ruff check sinkgd_ds megatron_patch launch tests benchmarks tools
 
 bench: setup
 	$(PY) benchmarks/step_benchmark.py
