@@ -91,3 +91,14 @@ def test_kit_helpers(tmp_path):
     (tmp_path / "kit" / "wheels").mkdir()
     (tmp_path / "kit" / "wheels" / "hjson-3.1.0-py3-none-any.whl").write_bytes(b"")
     assert gpu_check.install_kit(tmp_path / "kit") == []
+
+
+def test_the_time_budget_skips_what_no_longer_fits(tmp_path):
+    phases = [gpu_check.Phase("slow", 30, False, "sleeps"), gpu_check.Phase("later", 30, False, "never starts")]
+    ctx = gpu_check.Context(tmp_path / "out", None, False)
+    summary = gpu_check.run_phases(phases, ctx, budget=12,
+                                   argv_of=lambda ph: [sys.executable, "-c", "import time; time.sleep(5)"])
+    assert summary["phases"]["slow"]["status"] == "passed"
+    assert summary["phases"]["later"] == {"status": "skipped", "seconds": 0.0, "what": "never starts",
+                                          "reason": "the time budget (12 s) is used up"}
+    assert sum(p.timeout for p in gpu_check.PHASES) <= 570  # one 10-minute device call, with room to start
