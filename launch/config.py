@@ -186,16 +186,15 @@ def world_size_from_env() -> int:
 
 
 def _our_optimizers() -> dict:
-    from sinkgd_ds.integrations.deepspeed import OPTIMIZERS
+    from sinkgd_ds.registry import REGISTRY
 
-    return OPTIMIZERS
+    return {name: entry.cls for name, entry in REGISTRY.items()}
 
 
 def known_optimizers() -> list[str]:
     import torch
 
-    from sinkgd_ds.integrations.deepspeed import OPTIMIZERS
-
+    OPTIMIZERS = _our_optimizers()
     try:
         from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
     except ImportError:
@@ -215,7 +214,7 @@ def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batc
     known = known_optimizers()
     if opt["type"].lower() not in {n.lower() for n in known}:
         raise ConfigError(f"{path}: optimizer.type={opt['type']!r} is not a known optimizer."
-                          f"{_closest(opt['type'], known)} sinkgd_ds provides SinkGD, SCALE, SWAN.")
+                          f"{_closest(opt['type'], known)} sinkgd_ds provides {', '.join(_our_optimizers())}.")
     ours = {n.lower(): cls for n, cls in _our_optimizers().items()}
     if opt["type"].lower() in ours:
         params = opt.get("params", {})

@@ -33,9 +33,10 @@ from launch.config import (  # noqa: E402
     run_entry,
     world_size_from_env,
 )
+from sinkgd_ds.registry import keys as registry_keys  # noqa: E402
 
-OPTIMIZERS = ("sinkgd", "scale", "swan", "adam")
-DEFAULT_LR = {"sinkgd": 0.02, "scale": 0.02, "swan": 0.02, "adam": 1e-3}  # as configs/zero*_{...}.json
+OPTIMIZERS = (*registry_keys(), "adam")
+DEFAULT_LR = {**dict.fromkeys(registry_keys(), 0.02), "adam": 1e-3}  # as configs/zero*_{...}.json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

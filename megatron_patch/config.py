@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from megatron.core.optimizer import OptimizerConfig
 
-OURS = ("sinkgd", "scale", "swan")
+from sinkgd_ds.registry import keys
+
+OURS = keys()  # --optimizer values: sinkgd_ds.registry
 
 
 @dataclass
@@ -42,3 +44,7 @@ class SWANOptimizerConfig(SinkGDOptimizerConfig):
 
     optimizer: str = "swan"
     swan_ns_steps: int = 5
+
+
+#: the config class of each --optimizer value (every registry key has one; tests/test_registry.py checks)
+CONFIGS = {"sinkgd": SinkGDOptimizerConfig, "scale": SCALEOptimizerConfig, "swan": SWANOptimizerConfig}

@@ -16,8 +16,9 @@ from typing import Any
 import torch.distributed as dist
 
 from sinkgd_ds.integrations.megatron import describe_layout, require
-from sinkgd_ds.optim import SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_names
+from sinkgd_ds.optim import MatrixOptimizer, tag_parameter_names
 from sinkgd_ds.optim.base import engine_param_groups
+from sinkgd_ds.registry import MEGATRON_COMMON_FIELDS, lookup
 
 from .config import OURS
 from .wrappers import SinkDistributedOptimizer, SinkFloat16Optimizer, SinkFP32Optimizer, init_state
@@ -44,19 +45,12 @@ def check_name(config: Any) -> None:
                      f" megatron_patch adds {', '.join(OURS)}.")
 
 
-# config field -> the optimizer's constructor key, per optimizer (and the fields every one reads)
-_COMMON_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "sinkgd_lr_scale": "lr_scale", "adam_eps": "eps"}
-_FIELDS = {"sinkgd": {"sinkgd_iters": "sinkhorn_iters"}, "scale": {"scale_momentum": "momentum"},
-           "swan": {"swan_ns_steps": "ns_steps"}}
-_CLASSES = {"sinkgd": SinkGD, "scale": SCALE, "swan": SWAN}
-
-
 def check_hyperparameters(config: Any) -> None:
     """Each of our config fields (Megatron-LM flags ``--sinkgd-iters`` ...) through the optimizer's own checks,
     so that a bad value is named by its field and flag before anything is built."""
-    name = config.optimizer.lower()
-    cls = _CLASSES[name]
-    for field, key in {**_COMMON_FIELDS, **_FIELDS[name]}.items():
+    entry = lookup(config.optimizer)
+    cls = entry.cls
+    for field, key in {**MEGATRON_COMMON_FIELDS, **entry.megatron_fields}.items():
         value = getattr(config, field, None)
         if value is None:
             continue
@@ -98,18 +92,15 @@ def check_config(config: Any, param_groups: list[dict], model_chunks: list) -> N
 
 def build_inner(config: Any, param_groups: list[dict]) -> MatrixOptimizer:
     """Our optimizer over Megatron's param groups, with Megatron's group keys carried over."""
-    name = config.optimizer.lower()
+    entry = lookup(config.optimizer)
     common = dict(lr=config.lr if config.lr is not None else 0.0, weight_decay=config.weight_decay,
                   lr_scale=getattr(config, "sinkgd_lr_scale", 0.05),
                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    # its own fields where the config has them (a plain OptimizerConfig(optimizer="sinkgd") has none: defaults)
+    own = {kw: getattr(config, f) for f, kw in entry.megatron_fields.items() if getattr(config, f, None) is not None}
     groups = [{"params": g["params"]} for g in param_groups if g["params"]]
     with engine_param_groups():  # Megatron shards and checkpoints per group: one kind per group
-        if name == "sinkgd":
-            inner: MatrixOptimizer = SinkGD(groups, sinkhorn_iters=getattr(config, "sinkgd_iters", 5), **common)
-        elif name == "scale":
-            inner = SCALE(groups, momentum=getattr(config, "scale_momentum", 0.9), **common)
-        else:
-            inner = SWAN(groups, ns_steps=getattr(config, "swan_ns_steps", 5), **common)
+        inner: MatrixOptimizer = entry.cls(groups, **own, **common)
     source = {id(p): g for g in param_groups for p in g["params"]}
     for group in inner.param_groups:
         src = source[id(group["params"][0])]

@@ -18,9 +18,7 @@ from typing import Any
 
 from sinkgd_ds.integrations.megatron import require
 
-from .config import OURS, SCALEOptimizerConfig, SinkGDOptimizerConfig, SWANOptimizerConfig
-
-CONFIGS = {"sinkgd": SinkGDOptimizerConfig, "scale": SCALEOptimizerConfig, "swan": SWANOptimizerConfig}
+from .config import CONFIGS, OURS, SinkGDOptimizerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 
 from ..layout import FlatMatrix, Fragment, MatrixSpec, flat_partition_specs
-from ..optim import ADAMW, SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_names
+from ..optim import ADAMW, MatrixOptimizer, tag_parameter_names
 from ..optim.base import engine_param_groups
+from ..registry import REGISTRY, lookup
 from . import require_internal
 
 log = logging.getLogger("sinkgd_ds")
-OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {"SinkGD": SinkGD, "SCALE": SCALE, "SWAN": SWAN}
+OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {name: entry.cls for name, entry in REGISTRY.items()}
 _REGISTERED = False
 
 
@@ -39,12 +40,8 @@ class DeepSpeedIntegrationError(RuntimeError):
 
 
 def canonical_name(name: str | None) -> str | None:
-    if not isinstance(name, str):
-        return None
-    for known in OPTIMIZERS:
-        if known.lower() == name.lower():
-            return known
-    return None
+    entry = lookup(name)
+    return entry.name if entry is not None else None
 
 
 def _ds_version() -> str:
