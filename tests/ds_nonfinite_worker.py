@@ -202,7 +202,8 @@ def _run_one(cfg: dict) -> dict:
     after = _snapshot(engine, inner)
     out = {"cases": cases, "holdings": holdings, "final_skipped": skipped,
            "final_changed": not _same(before, after)["weights"], "weights": after["full"],
-           "skipped_steps": inner.skipped_steps, "wrapper": type(engine.optimizer).__name__,
+           "skipped_steps": inner.skipped_steps, "engine_skipped": engine.skipped_steps,
+           "wrapper": type(engine.optimizer).__name__,
            "kinds": [g["kind"] for g in inner.param_groups]}
     engine.destroy() if hasattr(engine, "destroy") else None
     return out

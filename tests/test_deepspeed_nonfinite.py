@@ -39,8 +39,9 @@ def test_poisoned_steps_change_nothing_on_any_rank(grids, world):
                 assert c["weights"] and c["module"], ("weights changed", where)
                 assert c["state"], ("optimizer state changed", where)
                 assert c["finite"], ("non-finite value written", where)
-            # training goes on afterwards
+            # training goes on afterwards; DeepSpeed counted every skip (so its LR scheduler did not advance)
             assert not r["final_skipped"] and r["final_changed"], key
+            assert r["engine_skipped"] == len(CASES), (key, r["engine_skipped"])
 
 
 @pytest.mark.parametrize("world", [2, 3])

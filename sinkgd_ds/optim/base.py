@@ -481,6 +481,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _local_nonfinite(self, tensors: Iterable[torch.Tensor]) -> bool:
         return not all(self._finite_flags([t for t in tensors if t is not None]))
 
+    @property
+    def overflow(self) -> bool:
+        """Whether the last step was skipped, under the name DeepSpeed's engine reads after every step: a skip
+        then counts in ``engine.skipped_steps`` and does not advance its LR scheduler, as with DeepSpeed's own
+        wrappers (where our optimizer is the engine's own optimizer: stage 0 fp32)."""
+        return self.last_step_skipped
+
     def _agree(self, bad: bool) -> bool:
         if self._consensus_group is None or not dist.is_initialized():
             return bad
