@@ -267,3 +267,31 @@ def test_constructing_and_stepping_inside_a_compiled_function():
     assert isinstance(opt, SinkGD) and opt.nonfinite == "step"
     for n, w in weights(models[0]).items():
         assert torch.equal(models[1].state_dict()[n], w), n
+
+
+# ---------------------------------------------------------------------- tensors the native code must not take
+def _dtensor_params(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sinkgd_ds import kernels
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
+    out = {"kernels_take_it": kernels.supports(w), "kernels_take_plain": kernels.supports(torch.zeros(3))}
+    try:
+        SinkGD([("layer.weight", w)])
+        out["error"] = None
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
+def test_dtensor_parameters_are_refused_not_crashed_on():
+    """FSDP2 / DTensor parameters get a clear error at construction (their layouts are not described yet), and
+    the native kernels never take a tensor subclass's pointer (it used to crash the process)."""
+    from .distributed import spawn
+
+    (r,) = spawn(_dtensor_params, 1)
+    assert r["kernels_take_it"] is False and r["kernels_take_plain"] is True
+    assert r["error"] and "'layer.weight' is a DTensor" in r["error"] and "does not describe DTensor" in r["error"]

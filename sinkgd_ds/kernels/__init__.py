@@ -188,9 +188,13 @@ def available() -> bool:
     return lib() is not None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def supports(t: torch.Tensor) -> bool:
-    """Tensors the kernels take: CPU, fp32 or bf16, contiguous."""
-    return t.is_cpu and t.dtype in DTYPE_CODES and t.is_contiguous()
+    """Tensors the kernels take: plain (not a subclass such as a DTensor, whose data_ptr is not its data), CPU,
+    fp32 or bf16, contiguous, with storage. Anything else goes to the torch path."""
+    return type(t) in _PLAIN and t.is_cpu and t.dtype in DTYPE_CODES and t.is_contiguous() and t.data_ptr() != 0
 
 
 def num_threads(numel: int) -> int:

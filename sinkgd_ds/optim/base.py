@@ -262,6 +262,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                 f"of the params is {type(p).__name__}")
             if pname is not None:
                 self._names[id(p)] = pname
+            if _is_dtensor(p):
+                raise ValueError(f"{where}: parameter {self._label(p)!r} is a DTensor (FSDP2 / torch tensor "
+                                 f"parallelism); {self._where} does not describe DTensor layouts yet, so it cannot "
+                                 "normalise it exactly. Use the DeepSpeed or Megatron integration, or unsharded "
+                                 "parameters (DDP)")
             kind = self._kind(param_group, p)
             if kind != ADAMW and p.is_complex():
                 raise ValueError(f"{where}: parameter {self._label(p)!r} is complex ({p.dtype}); {self._where}'s "
@@ -593,6 +598,14 @@ def _check_naming(params: list, owner: str) -> None:
     if len(kinds) > 1:
         raise ValueError(f"{owner}: named ((name, tensor) pairs) and unnamed parameters are mixed in one optimizer; "
                          "pass model.named_parameters() everywhere, or bare tensors everywhere")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # (a torch without DTensor)
+        return False
+    return isinstance(t, DTensor)
 
 
 def _as_real(t: torch.Tensor) -> torch.Tensor:
