@@ -9,8 +9,6 @@ each, every rank's fp32 masters, model weights and optimizer state are bit-ident
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -89,15 +87,7 @@ def _run_config(rank: int, world: int, full: dict, cfg: dict) -> dict:
     after = masters(model, opt)
     specs = [s for group in (*inner._group_layouts.values(), *inner._layouts.values()) for s in group]
     held = {s.name.removeprefix("module."): "local" if s.is_local else "shared" for s in specs if s.fragments}
-    # torch.optim contract on the Megatron path: a deepcopy of the inner optimizer keeps its layout, pointed at
-    # its own copied tensors, and shares the process groups
-    twin = copy.deepcopy(inner)
-    twin_params = {id(p) for g in twin.param_groups for p in g["params"]}
-    twin_specs = [s for group in (*twin._group_layouts.values(), *twin._layouts.values()) for s in group]
-    copied = (twin._consensus_group is inner._consensus_group and len(twin_specs) == len(specs)
-              and all(id(f.tensor) in twin_params for s in twin_specs for f in s.fragments)
-              and [g["kind"] for g in twin.param_groups] == [g["kind"] for g in inner.param_groups])
-    return {"cases": cases, "final_skipped": final_skipped, "held": held, "deepcopy_ok": copied,
+    return {"cases": cases, "final_skipped": final_skipped, "held": held,
             "final_changed": any(not torch.equal(before[n], after[n]) for n in before),
             "consensus": inner._consensus_group is not None}
 
@@ -136,7 +126,6 @@ def test_poisoned_steps_change_nothing(runs, label):
             assert c["masters"] and c["model"], ("weights changed", where)
             assert c["state"], ("optimizer state changed", where)
         assert not r["final_skipped"] and r["final_changed"], label
-        assert r["deepcopy_ok"], label
 
 
 def test_distopt_cases_include_a_matrix_only_one_rank_holds(runs):
