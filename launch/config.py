@@ -185,27 +185,24 @@ def world_size_from_env() -> int:
     return 1
 
 
-def _our_optimizers() -> dict:
-    from sinkgd_ds.registry import REGISTRY
-
-    return {name: entry.cls for name, entry in REGISTRY.items()}
-
-
 def known_optimizers() -> list[str]:
     import torch
 
-    OPTIMIZERS = _our_optimizers()
+    from sinkgd_ds.registry import names
+
     try:
         from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
     except ImportError:
         DEEPSPEED_OPTIMIZERS = []
     torch_names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper()]
-    return sorted({*OPTIMIZERS, *DEEPSPEED_OPTIMIZERS, *torch_names})
+    return sorted({*names(), *DEEPSPEED_OPTIMIZERS, *torch_names})
 
 
 def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batch: int | None,
                       bf16: bool, world: int) -> dict[str, Any]:
     """Fill in what the run config owns: batch split, the 10%-warmup cosine schedule, monitor paths."""
+    from sinkgd_ds.registry import lookup, names
+
     ds = copy.deepcopy(read_json(path, "--deepspeed_config"))
     t = run["train"]
     opt = ds.get("optimizer")
@@ -214,14 +211,14 @@ def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batc
     known = known_optimizers()
     if opt["type"].lower() not in {n.lower() for n in known}:
         raise ConfigError(f"{path}: optimizer.type={opt['type']!r} is not a known optimizer."
-                          f"{_closest(opt['type'], known)} sinkgd_ds provides {', '.join(_our_optimizers())}.")
-    ours = {n.lower(): cls for n, cls in _our_optimizers().items()}
-    if opt["type"].lower() in ours:
+                          f"{_closest(opt['type'], known)} sinkgd_ds provides {', '.join(names())}.")
+    ours = lookup(opt["type"])
+    if ours is not None:
         params = opt.get("params", {})
         if not isinstance(params, dict):
             raise ConfigError(f"{path}: optimizer.params={params!r} must be an object")
         try:  # the optimizer's own checks, before any process group exists
-            ours[opt["type"].lower()].check_options(f"{path}: optimizer.params", **params)
+            ours.cls.check_options(f"{path}: optimizer.params", **params)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if opt["type"].lower() in ("adam", "adamw") and not opt.get("params", {}).get("torch_adam"):

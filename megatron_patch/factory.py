@@ -93,14 +93,13 @@ def check_config(config: Any, param_groups: list[dict], model_chunks: list) -> N
 def build_inner(config: Any, param_groups: list[dict]) -> MatrixOptimizer:
     """Our optimizer over Megatron's param groups, with Megatron's group keys carried over."""
     entry = lookup(config.optimizer)
-    common = dict(lr=config.lr if config.lr is not None else 0.0, weight_decay=config.weight_decay,
-                  lr_scale=getattr(config, "sinkgd_lr_scale", 0.05),
-                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
-    # its own fields where the config has them (a plain OptimizerConfig(optimizer="sinkgd") has none: defaults)
-    own = {kw: getattr(config, f) for f, kw in entry.megatron_fields.items() if getattr(config, f, None) is not None}
+    # the fields the config has (a plain OptimizerConfig(optimizer="sinkgd") has none of ours: their defaults)
+    fields = {**MEGATRON_COMMON_FIELDS, **entry.megatron_fields}
+    kwargs = {kw: getattr(config, f) for f, kw in fields.items() if getattr(config, f, None) is not None}
+    kwargs.setdefault("lr", 0.0)  # (Megatron's scheduler sets it)
     groups = [{"params": g["params"]} for g in param_groups if g["params"]]
     with engine_param_groups():  # Megatron shards and checkpoints per group: one kind per group
-        inner: MatrixOptimizer = entry.cls(groups, **own, **common)
+        inner: MatrixOptimizer = entry.cls(groups, betas=(config.adam_beta1, config.adam_beta2), **kwargs)
     source = {id(p): g for g in param_groups for p in g["params"]}
     for group in inner.param_groups:
         src = source[id(group["params"][0])]

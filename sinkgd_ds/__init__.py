@@ -9,9 +9,9 @@ from .optim import ADAMW, SCALE, SWAN, MatrixOptimizer, SinkGD, tag_parameter_na
 from .sinkhorn import apply_scaled_update_, normalize_scales
 
 __version__ = "0.1.0"
-from .registry import REGISTRY  # noqa: E402
+from .registry import classes  # noqa: E402
 
-OPTIMIZERS = {name: entry.cls for name, entry in REGISTRY.items()}
+OPTIMIZERS = classes()
 
 __all__ = ["ADAMW", "DEEPSPEED_REGISTERED", "Fragment", "MatrixOptimizer", "MatrixSpec", "OPTIMIZERS", "RowBlocks",
            "SCALE", "SWAN", "SinkGD", "apply_scaled_update_", "dense_spec", "normalize_scales", "tag_parameter_names"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .optim import SCALE, SWAN, MatrixOptimizer, SinkGD
 
-__all__ = ["MEGATRON_COMMON_FIELDS", "OptimizerEntry", "REGISTRY", "keys", "lookup", "names"]
+__all__ = ["MEGATRON_COMMON_FIELDS", "OptimizerEntry", "REGISTRY", "classes", "keys", "lookup", "names"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ MEGATRON_COMMON_FIELDS: Mapping[str, str] = {"lr": "lr", "weight_decay": "weight
 def names() -> list[str]:
     """Canonical names (DeepSpeed ``"type"``), in registry order."""
     return list(REGISTRY)
+
+
+def classes() -> dict[str, type[MatrixOptimizer]]:
+    """Canonical name -> class."""
+    return {name: entry.cls for name, entry in REGISTRY.items()}
 
 
 def keys() -> tuple[str, ...]:

@@ -27,11 +27,11 @@ import torch.distributed as dist
 from ..layout import FlatMatrix, Fragment, MatrixSpec, flat_partition_specs
 from ..optim import ADAMW, MatrixOptimizer, tag_parameter_names
 from ..optim.base import engine_param_groups
-from ..registry import REGISTRY, lookup
+from ..registry import classes, lookup
 from . import require_internal
 
 log = logging.getLogger("sinkgd_ds")
-OPTIMIZERS: dict[str, type[MatrixOptimizer]] = {name: entry.cls for name, entry in REGISTRY.items()}
+OPTIMIZERS: dict[str, type[MatrixOptimizer]] = classes()
 _REGISTERED = False
 
 
