@@ -87,9 +87,10 @@ def warn_above(where: str, key: str, value: float, limit: float, why: str) -> No
         warnings.warn(f"{where}: {key}={value!r} is unusually large (> {limit}); {why}", UserWarning, stacklevel=4)
 
 
-def decay_factor(where: str, lr: float, weight_decay: float, step_scale: float = 1.0) -> None:
-    """Decoupled weight decay multiplies weights by 1 - lr * step_scale * weight_decay: it must stay positive."""
-    if lr * step_scale * weight_decay >= 1.0:
+def decay_factor(where: str, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay multiplies weights by 1 - lr * weight_decay (AdamW groups; matrices by less): it must
+    stay positive."""
+    if lr * weight_decay >= 1.0:
         raise ValueError(f"{where}: weight_decay={weight_decay!r} with lr={lr!r} is not allowed: the decoupled decay "
                          f"factor 1 - lr * weight_decay would be <= 0 (weights flipped or zeroed every step); "
                          f"it needs lr * weight_decay < 1")

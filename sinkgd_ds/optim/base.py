@@ -99,6 +99,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         # torch adds the groups as given, then _configure (run eagerly) sets the attributes and routes them.
         where = f"{type(self).__name__}()"
         nonfinite = hp.one_of(where, "nonfinite", nonfinite, self.NONFINITE_MODES)
+        if isinstance(defaults.get("betas"), list):  # (JSON configs give a list)
+            defaults = {**defaults, "betas": tuple(defaults["betas"])}
         patterns = DEFAULT_FALLBACK_PATTERNS if fallback_patterns is None else fallback_patterns
         hp.regex_list(where, "fallback_patterns", patterns)
         self._validate_group(defaults, where)
@@ -124,12 +126,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         self.last_skipped: list[str] = []  # nonfinite="matrix": what the last step left unchanged
         self._reset_caches()
-        groups, self.param_groups = self.param_groups, []
-        for g in groups:
-            g = dict(g)
-            names = g.pop("param_names", None)
-            g["params"] = list(zip(names, g["params"])) if names is not None else g["params"]
-            self.add_param_group(g)
+        self._add_groups_again()
         self._require_a_matrix()
         unnamed = [p for g in self.param_groups for p in g["params"]
                    if self._kind(g, p) != ADAMW and self._name(p) is None]
@@ -145,16 +142,20 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.last_comm = CommStats()
         self._names: dict[int, str] = {}
         self._kinds: dict[int, str] = {}
-        self._layouts: dict[int, list[MatrixSpec]] = {}
-        for spec in self._layout_specs:
-            self._layouts.setdefault(id(spec.owner), []).append(spec)
+        self._index_layouts()
         self._dense_specs: dict[int, MatrixSpec] = {}
         self._shadows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._batches: dict[tuple, MatrixBatch] = {}
         self._verdict = torch.zeros(1)
         for g in groups:  # names given as (name, tensor) pairs live in the groups
             for name, p in zip(g.get("param_names", ()), g["params"]):
                 self._names[id(p)] = name
+
+    def _index_layouts(self) -> None:
+        """``_layout_specs`` by owner tensor, and no prepared batch (they hold specs of the layout before)."""
+        self._layouts: dict[int, list[MatrixSpec]] = {}
+        for spec in self._layout_specs:
+            self._layouts.setdefault(id(spec.owner), []).append(spec)
+        self._batches: dict[tuple, MatrixBatch] = {}
 
     def _compile_patterns(self) -> None:
         self._fallback_re = hp.regex_list(self._where, "fallback_patterns", self.fallback_patterns)
@@ -292,8 +293,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{self._where}: its param groups are split per kind for DeepSpeed, which must happen "
                                "before the first step and before an LR scheduler is attached; build the scheduler "
                                "after deepspeed.initialize (or in the DeepSpeed config)")
-        groups, self.param_groups = self.param_groups, []
         self.split_by_kind = True
+        self._add_groups_again()
+
+    def _add_groups_again(self) -> None:
+        """Every current group through add_param_group once more, its names given back as (name, tensor) pairs."""
+        groups, self.param_groups = self.param_groups, []
         for g in groups:
             g = dict(g)
             names = g.pop("param_names", None)
@@ -373,7 +378,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                              "which skips the whole step on every rank alike")
         self._layout_specs = list(specs)
         self._group_layouts = {}
-        self._reset_caches(self.param_groups)
+        self._index_layouts()
         for idx, gspecs in (group_specs or {}).items():
             self.param_groups[idx][LAYOUT_KEY] = idx
             self._group_layouts[idx] = list(gspecs)

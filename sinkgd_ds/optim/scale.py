@@ -45,7 +45,7 @@ class SCALE(MatrixOptimizer):
         hp.regex_list(f"{type(self).__name__}()", "head_patterns", head_patterns)
         hp.regex_list(f"{type(self).__name__}()", "embed_patterns", embed_patterns)
         defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, weight_decay=weight_decay,
-                        betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
+                        betas=betas, eps=eps, kind=None)
         super().__init__(params, defaults, fallback_patterns=(r"(?!)",),  # nothing 2-D falls back by name
                          config=dict(head_patterns=tuple(head_patterns), embed_patterns=tuple(embed_patterns)))
 

@@ -73,7 +73,7 @@ class SinkGD(MatrixOptimizer):
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
                                 [*self.GROUP_KEYS, "fallback_patterns", "nonfinite"])
         defaults = dict(lr=lr, lr_scale=lr_scale, sinkhorn_iters=sinkhorn_iters, weight_decay=weight_decay,
-                        betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
+                        betas=betas, eps=eps, kind=None)
         super().__init__(params, defaults, fallback_patterns, nonfinite)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:

@@ -80,7 +80,7 @@ class SWAN(MatrixOptimizer):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown, [*self.GROUP_KEYS, "fallback_patterns"])
         defaults = dict(lr=lr, lr_scale=lr_scale, ns_steps=ns_steps, weight_decay=weight_decay,
-                        betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, kind=None)
+                        betas=betas, eps=eps, kind=None)
         super().__init__(params, defaults, fallback_patterns)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
