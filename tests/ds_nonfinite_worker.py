@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 import sinkgd_ds  # noqa: F401  - registers SinkGD/SCALE/SWAN with DeepSpeed
 
+from .poison import install_poison
+
 VOCAB, D, HID, FF, SEQ, BATCH = 13, 6, 4, 20, 5, 6
 # a: 4x6 (24 elements) sits at the start of the matrix group's flat buffer, inside rank 0's partition;
 # c: 6x20 (120) at its end straddles the last cut. The worker reports what each rank really holds.
@@ -150,19 +152,7 @@ def _run_one(cfg: dict) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     model = GridLM()
-    poison = {"name": None, "value": 0.0}
-
-    def hook_for(name):
-        def hook(g):
-            if poison["name"] != name or rank != world - 1:  # the bad value comes from one rank's backward
-                return g
-            g = g.clone()
-            g.view(-1)[0] = poison["value"]
-            return g
-        return hook
-
-    for n, p in model.named_parameters():
-        p.register_hook(hook_for(n))
+    poison = install_poison(model, rank, world)  # the bad value comes from one rank's backward
     engine, _, _, _ = deepspeed.initialize(model=model, config=copy.deepcopy(cfg))
     inner = engine.basic_optimizer
     holdings = _holdings(inner)

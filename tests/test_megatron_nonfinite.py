@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from .distributed import spawn
+from .poison import install_poison
 
 pytest.importorskip("megatron.core")
 
@@ -40,19 +41,7 @@ def _run_config(rank: int, world: int, full: dict, cfg: dict) -> dict:
 
     model, ddp, opt = build(full, **cfg)
     inner = opt.chained_optimizers[0].optimizer
-    poison = {"name": None, "value": 0.0}
-
-    def hook_for(name):
-        def hook(g):
-            if poison["name"] != name or rank != world - 1:
-                return g
-            g = g.clone()
-            g.view(-1)[0] = poison["value"]
-            return g
-        return hook
-
-    for n, p in model.named_parameters():
-        p.register_hook(hook_for(n))
+    poison = install_poison(model, rank, world)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per = 4 // dp
 
