@@ -102,3 +102,14 @@ def test_the_time_budget_skips_what_no_longer_fits(tmp_path):
     assert summary["phases"]["later"] == {"status": "skipped", "seconds": 0.0, "what": "never starts",
                                           "reason": "the time budget (12 s) is used up"}
     assert sum(p.timeout for p in gpu_check.PHASES) <= 570  # one 10-minute device call, with room to start
+
+
+def test_phases_on_cuda_never_inherit_the_cpu_accelerator(tmp_path, monkeypatch):
+    """The Makefile exports DS_ACCELERATOR=cpu for the CPU suite; on a GPU machine that would run DeepSpeed on
+    the CPU. The runner leaves the device to each phase, and a CUDA phase's commands drop it."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    runner = gpu_check.Context(tmp_path, None, False)
+    assert runner.env()["DS_ACCELERATOR"] == "cpu"  # (inherited, untouched: the phase decides)
+    assert "DS_ACCELERATOR" not in gpu_check.Context(tmp_path, None, False, device="cuda").env()
+    cpu = gpu_check.Context(tmp_path, None, True, device="cpu").env()
+    assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["OMP_NUM_THREADS"] == "1"

@@ -66,17 +66,20 @@ class Context:
     out: Path
     kit: Path | None
     rehearse: bool
-    device: str = "cpu"
+    device: str = "auto"  # the runner's: each phase decides in its own process ("cpu" or "cuda")
     details: dict = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(self.paths()), "PYTHONWARNINGS": "ignore",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", **self.device_env()}
         if self.kit is not None and (self.kit / "cache").is_dir():
             env["SINKGD_DS_CACHE"] = str(self.kit / "cache")
-        if self.device == "cpu":
-            env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        if self.device == "cuda" and env.get("DS_ACCELERATOR") == "cpu":
+            del env["DS_ACCELERATOR"]  # (the Makefile exports it for the CPU suite; here DeepSpeed must find CUDA)
         return env
+
+    def device_env(self) -> dict[str, str]:
+        return {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} if self.device == "cpu" else {}
 
     def paths(self) -> list[str]:
         paths = [str(ROOT)]
@@ -151,12 +154,13 @@ def run_one(name: str, ctx: Context) -> int:
     import torch
 
     phase = next(p for p in PHASES if p.name == name)
-    if phase.cuda:
-        if torch.cuda.is_available():
-            ctx.device = "cuda"
-        elif not ctx.rehearse:
-            print(f"skipped: no CUDA device here (torch {torch.__version__}, torch.cuda.is_available() is False)")
-            return SKIP
+    ctx.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if phase.cuda and ctx.device == "cpu" and not ctx.rehearse:
+        print(f"skipped: no CUDA device here (torch {torch.__version__}, torch.cuda.is_available() is False)")
+        return SKIP
+    os.environ.update(ctx.device_env())  # (before this process imports DeepSpeed: the exactness configs)
+    if ctx.device == "cuda" and os.environ.get("DS_ACCELERATOR") == "cpu":
+        del os.environ["DS_ACCELERATOR"]
     try:
         details = globals()[f"phase_{name}"](ctx)
     except Skipped as e:
