@@ -341,7 +341,7 @@ def test_reused_batch_follows_moved_and_changed_tensors():
     with torch_path():
         step_both("kernels off")
     step_both("kernels on again")
-    assert batch._native_norm is not None and len(batch._native_norm.index) == len(shapes)
+    assert batch.backend.name == "native" and len(batch.prepared.norm.index) == len(shapes)
 
 
 def _step_fixture(seed: int, gdtypes, blocks=None):
@@ -378,7 +378,7 @@ def test_one_call_step_equals_normalize_then_apply(kernels_on, gdtypes):
             assert all(s.finite for s in batch.scales)
             for w, ref in zip(ws, refs):
                 assert torch.equal(w, ref)
-        one_call = batch._native_norm is not None and not batch._torch_norm and not batch._torch_apply
+        one_call = batch.backend.name == "native" and batch.prepared.segment_starts is not None
         assert one_call == (kernels_on and torch.float16 not in gdtypes)
     finally:
         kernels.set_enabled(prev)
@@ -433,7 +433,7 @@ def test_per_matrix_step_updates_exactly_the_clean_matrices(kernels_on, gdtypes,
                 assert torch.equal(ws[i], before[i])
             else:
                 assert torch.equal(ws[i], refs[i]), i
-        fused = batch._segment_starts is not None
+        fused = batch.backend.name == "native" and batch.prepared.segment_starts is not None
         assert fused == (kernels_on and torch.float16 not in gdtypes)
     finally:
         kernels.set_enabled(prev)
