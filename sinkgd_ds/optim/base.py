@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import backends
 from .. import hparams as hp
 from ..layout import MatrixSpec, dense_spec
 from ..sinkhorn import CommStats, Direction, MatrixBatch, all_reduce_sum
@@ -89,16 +90,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     #: instance attributes that are configuration or counters (kept by copy.deepcopy and pickle); the rest are
     #: caches derived from these and from param_groups, rebuilt after a copy
-    PERSISTENT = ("_where", "nonfinite", "fallback_patterns", "split_by_kind", "skipped_steps", "last_step_skipped",
-                  "last_skipped", "_layout_specs", "_group_layouts", "_consensus_group")
+    PERSISTENT = ("_where", "nonfinite", "fallback_patterns", "split_by_kind", "implementation", "skipped_steps",
+                  "last_step_skipped", "last_skipped", "_layout_specs", "_group_layouts", "_consensus_group")
 
     def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None,
-                 nonfinite: str = "step", config: dict[str, Any] | None = None):
+                 nonfinite: str = "step", config: dict[str, Any] | None = None, implementation: str = "auto"):
         # Nothing is set on self before Optimizer.__init__: when the optimizer is built inside a function that
         # torch.compile traces, attributes stored before it are lost. Everything is checked first (on locals),
         # torch adds the groups as given, then _configure (run eagerly) sets the attributes and routes them.
         where = f"{type(self).__name__}()"
         nonfinite = hp.one_of(where, "nonfinite", nonfinite, self.NONFINITE_MODES)
+        backends.check_implementation(where, implementation)
         if isinstance(defaults.get("betas"), list):  # (JSON configs give a list)
             defaults = {**defaults, "betas": tuple(defaults["betas"])}
         patterns = DEFAULT_FALLBACK_PATTERNS if fallback_patterns is None else fallback_patterns
@@ -112,7 +114,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         split = _ENGINE_GROUPS.get()
         super().__init__(params, defaults)
         self._configure(dict(nonfinite=nonfinite, fallback_patterns=tuple(patterns), split_by_kind=split,
-                             **(config or {})))
+                             implementation=implementation, **(config or {})))
 
     @torch._disable_dynamo
     def _configure(self, config: dict[str, Any]) -> None:
@@ -444,7 +446,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if batch is None:
             if len(self._batches) >= 32:  # e.g. the set of matrices with gradients keeps changing
                 self._batches.clear()
-            batch = self._batches[key] = MatrixBatch(specs, direction)
+            batch = self._batches[key] = MatrixBatch(specs, direction, implementation=self.implementation)
         return batch
 
     # ------------------------------------------------------------------ AdamW fallback

@@ -38,16 +38,18 @@ class SCALE(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 head_patterns=HEAD_PATTERNS, embed_patterns=EMBED_PATTERNS, **unknown: Any):
+                 head_patterns=HEAD_PATTERNS, embed_patterns=EMBED_PATTERNS, implementation: str = "auto",
+                 **unknown: Any):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
-                                [*self.GROUP_KEYS, "head_patterns", "embed_patterns"])
+                                [*self.GROUP_KEYS, "head_patterns", "embed_patterns", "implementation"])
         hp.regex_list(f"{type(self).__name__}()", "head_patterns", head_patterns)
         hp.regex_list(f"{type(self).__name__}()", "embed_patterns", embed_patterns)
         defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, weight_decay=weight_decay,
                         betas=betas, eps=eps, kind=None)
         super().__init__(params, defaults, fallback_patterns=(r"(?!)",),  # nothing 2-D falls back by name
-                         config=dict(head_patterns=tuple(head_patterns), embed_patterns=tuple(embed_patterns)))
+                         config=dict(head_patterns=tuple(head_patterns), embed_patterns=tuple(embed_patterns)),
+                         implementation=implementation)
 
     PERSISTENT = (*MatrixOptimizer.PERSISTENT, "head_patterns", "embed_patterns")
 

@@ -68,13 +68,13 @@ class SinkGD(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, sinkhorn_iters: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fallback_patterns=None, nonfinite: str = "step", **unknown: Any):
+                 fallback_patterns=None, nonfinite: str = "step", implementation: str = "auto", **unknown: Any):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
-                                [*self.GROUP_KEYS, "fallback_patterns", "nonfinite"])
+                                [*self.GROUP_KEYS, "fallback_patterns", "nonfinite", "implementation"])
         defaults = dict(lr=lr, lr_scale=lr_scale, sinkhorn_iters=sinkhorn_iters, weight_decay=weight_decay,
                         betas=betas, eps=eps, kind=None)
-        super().__init__(params, defaults, fallback_patterns, nonfinite)
+        super().__init__(params, defaults, fallback_patterns, nonfinite, implementation=implementation)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         if key == "sinkhorn_iters":

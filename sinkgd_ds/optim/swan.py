@@ -76,12 +76,14 @@ class SWAN(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, ns_steps: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fallback_patterns=None, **unknown: Any):
+                 fallback_patterns=None, implementation: str = "auto", **unknown: Any):
+        # (``implementation`` is accepted as by every optimizer here; SWAN's whitening itself runs in torch)
         if unknown:
-            hp.check_known_keys(f"{type(self).__name__}()", unknown, [*self.GROUP_KEYS, "fallback_patterns"])
+            hp.check_known_keys(f"{type(self).__name__}()", unknown,
+                                [*self.GROUP_KEYS, "fallback_patterns", "implementation"])
         defaults = dict(lr=lr, lr_scale=lr_scale, ns_steps=ns_steps, weight_decay=weight_decay,
                         betas=betas, eps=eps, kind=None)
-        super().__init__(params, defaults, fallback_patterns)
+        super().__init__(params, defaults, fallback_patterns, implementation=implementation)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         if key == "ns_steps":

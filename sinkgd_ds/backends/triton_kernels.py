@@ -1,0 +1,248 @@
+"""Triton kernels of the Sinkhorn engine: one launch per half-iteration for every segment of every matrix.
+
+Tensors are reached through int64 descriptor tables (addresses, sizes, offsets), as in Triton's grouped-GEMM
+tutorial, so one launch covers any number of matrices and layouts. Every sum is computed by exactly one
+program in a fixed order (a program owns a row tile of a matrix, or a column tile of one row block, and walks
+that matrix's segments in table order): no atomics, so every rank that shares a matrix gets the same bits.
+The scales of the previous half are computed inside the kernel from its completed sums (zero sum -> zero
+scale) and every sums vector is checked for non-finite values by exactly one program per element, which sets
+the matrix's device flag; nothing is read back on the host.
+
+Tables (int64, one row per entry; the column names below are the only coupling with ``triton_backend.py``):
+  segments  G address, G dtype code, row, rows, col, cols, block, W address, W dtype code, matrix
+  matrices  m, n, blocks, first segment, end segment, row-sum offset, col-sum offset, r address, c address,
+            offset of its targets in the float table (sqrt(n), then sqrt(global rows) of each block)
+  row programs  matrix, first row, tile index, tiles of the matrix
+  col programs  matrix, block, first column, tile index, tiles of the matrix
+  apply programs  segment, first element
+A segment is a (rows x cols) run of G stored contiguously (rows == 1 or cols == n), so element (i, j) of the
+matrix is at ``address + (i - row) * cols + (j - col)``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SEG_WIDTH, MAT_WIDTH, ROWP_WIDTH, COLP_WIDTH = 10, 10, 4, 5
+FP32, BF16 = 0, 1
+
+
+@triton.jit
+def _load_f32(addr, code, offs, mask):
+    """Elements ``offs`` of a fp32 (code 0) or bf16 (code 1) tensor at ``addr``, as fp32 (0 where masked)."""
+    if code == 0:
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bf16 value, ties to even, kept in fp32. Written out because Triton's interpreter
+    truncates in ``.to(tl.bfloat16)``; on a GPU this is what the conversion does anyway."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale(sums, target):
+    """target / sqrt(sums); zero sum -> zero scale (NaN stays NaN, inf -> 0)."""
+    return tl.where(sums == 0.0, 0.0, target / tl.sqrt(sums))
+
+
+@triton.jit
+def _flag_slice(sums, total, t, tiles, flags, k, BLOCK: tl.constexpr):
+    """Program ``t`` of ``tiles`` checks its share of a matrix's completed sums; any non-finite one flags it."""
+    chunk = (total + tiles - 1) // tiles
+    a = t * chunk
+    e = tl.minimum(a + chunk, total)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    i = a
+    while i < e:
+        o = i + tl.arange(0, BLOCK)
+        x = tl.load(sums + o, mask=o < e, other=0.0)
+        bad = bad | ((x - x) != 0.0).to(tl.int32)  # (x - x is NaN exactly for inf and NaN)
+        i += BLOCK
+    if tl.max(bad, 0) > 0:
+        tl.store(flags + k, 1)
+
+
+@triton.jit
+def row_pass(mats, segs, targets, progs, rowsum, colsum, flags,
+             HAVE_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Partial row sums sum_j G_ij^2 c_j^2 of a tile of BR rows of one matrix, over the segments held here."""
+    pid = tl.program_id(0)
+    k = tl.load(progs + pid * ROWP_WIDTH)
+    r0 = tl.load(progs + pid * ROWP_WIDTH + 1)
+    mat = mats + k * MAT_WIDTH
+    m = tl.load(mat)
+    n = tl.load(mat + 1)
+    lo = tl.load(mat + 3)
+    hi = tl.load(mat + 4)
+    roff = tl.load(mat + 5)
+    coff = tl.load(mat + 6)
+    toff = tl.load(mat + 9)
+    if HAVE_COL:
+        _flag_slice(colsum + coff, tl.load(mat + 2) * n, tl.load(progs + pid * ROWP_WIDTH + 2),
+                    tl.load(progs + pid * ROWP_WIDTH + 3), flags, k, BC)
+    rows = r0 + tl.arange(0, BR)
+    acc = tl.zeros([BR], dtype=tl.float32)
+    s = lo
+    while s < hi:
+        seg = segs + s * SEG_WIDTH
+        srow = tl.load(seg + 2)
+        srows = tl.load(seg + 3)
+        if (srow < r0 + BR) & (srow + srows > r0):
+            gaddr = tl.load(seg)
+            gcode = tl.load(seg + 1)
+            scol = tl.load(seg + 4)
+            scols = tl.load(seg + 5)
+            blk = tl.load(seg + 6)
+            target = tl.load(targets + toff + 1 + blk)
+            rmask = (rows >= srow) & (rows < srow + srows)
+            j = 0
+            while j < scols:
+                cols = j + tl.arange(0, BC)
+                cmask = cols < scols
+                if HAVE_COL:
+                    c = _scale(tl.load(colsum + coff + blk * n + scol + cols, mask=cmask, other=1.0), target)
+                else:
+                    c = tl.full([BC], 1.0, tl.float32)
+                g = _load_f32(gaddr, gcode, (rows - srow)[:, None] * scols + cols[None, :],
+                              rmask[:, None] & cmask[None, :])
+                acc += tl.sum(g * g * (c * c)[None, :], axis=1)
+                j += BC
+        s += 1
+    tl.store(rowsum + roff + rows, acc, mask=rows < m)
+
+
+@triton.jit
+def col_pass(mats, segs, targets, progs, rowsum, colsum, flags,
+             HAVE_ROW: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Partial column sums sum_i r_i^2 G_ij^2 of a tile of BC columns of one row block of one matrix."""
+    pid = tl.program_id(0)
+    k = tl.load(progs + pid * COLP_WIDTH)
+    b = tl.load(progs + pid * COLP_WIDTH + 1)
+    c0 = tl.load(progs + pid * COLP_WIDTH + 2)
+    mat = mats + k * MAT_WIDTH
+    n = tl.load(mat + 1)
+    lo = tl.load(mat + 3)
+    hi = tl.load(mat + 4)
+    roff = tl.load(mat + 5)
+    coff = tl.load(mat + 6)
+    target = tl.load(targets + tl.load(mat + 9))
+    if HAVE_ROW:
+        _flag_slice(rowsum + roff, tl.load(mat), tl.load(progs + pid * COLP_WIDTH + 3),
+                    tl.load(progs + pid * COLP_WIDTH + 4), flags, k, BR)
+    cols = c0 + tl.arange(0, BC)
+    acc = tl.zeros([BC], dtype=tl.float32)
+    s = lo
+    while s < hi:
+        seg = segs + s * SEG_WIDTH
+        scol = tl.load(seg + 4)
+        scols = tl.load(seg + 5)
+        blk = tl.load(seg + 6)
+        if (blk == b) & (scol < c0 + BC) & (scol + scols > c0):
+            gaddr = tl.load(seg)
+            gcode = tl.load(seg + 1)
+            srow = tl.load(seg + 2)
+            srows = tl.load(seg + 3)
+            cmask = (cols >= scol) & (cols < scol + scols)
+            i = 0
+            while i < srows:
+                rr = i + tl.arange(0, BR)
+                rmask = rr < srows
+                if HAVE_ROW:
+                    r = _scale(tl.load(rowsum + roff + srow + rr, mask=rmask, other=1.0), target)
+                else:
+                    r = tl.full([BR], 1.0, tl.float32)
+                g = _load_f32(gaddr, gcode, rr[:, None] * scols + (cols - scol)[None, :],
+                              rmask[:, None] & cmask[None, :])
+                acc += tl.sum(g * g * (r * r)[:, None], axis=0)
+                i += BR
+        s += 1
+    tl.store(colsum + coff + b * n + cols, acc, mask=cols < n)
+
+
+@triton.jit
+def finish_pass(mats, targets, row_progs, col_progs, rowsum, colsum, flags, n_row_progs,
+                HAVE_ROW: tl.constexpr, HAVE_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """The final scales r (row programs) and c (col programs) from the completed sums; non-finite sums flag."""
+    pid = tl.program_id(0)
+    if pid < n_row_progs:
+        k = tl.load(row_progs + pid * ROWP_WIDTH)
+        r0 = tl.load(row_progs + pid * ROWP_WIDTH + 1)
+        mat = mats + k * MAT_WIDTH
+        rows = r0 + tl.arange(0, BR)
+        mask = rows < tl.load(mat)
+        if HAVE_ROW:
+            sums = tl.load(rowsum + tl.load(mat + 5) + rows, mask=mask, other=0.0)
+            if tl.max(((sums - sums) != 0.0).to(tl.int32), 0) > 0:
+                tl.store(flags + k, 1)
+            r = _scale(sums, tl.load(targets + tl.load(mat + 9)))
+        else:
+            r = tl.full([BR], 1.0, tl.float32)
+        tl.store(tl.load(mat + 7).to(tl.pointer_type(tl.float32)) + rows, r, mask=mask)
+    else:
+        q = pid - n_row_progs
+        k = tl.load(col_progs + q * COLP_WIDTH)
+        b = tl.load(col_progs + q * COLP_WIDTH + 1)
+        c0 = tl.load(col_progs + q * COLP_WIDTH + 2)
+        mat = mats + k * MAT_WIDTH
+        n = tl.load(mat + 1)
+        cols = c0 + tl.arange(0, BC)
+        mask = cols < n
+        if HAVE_COL:
+            sums = tl.load(colsum + tl.load(mat + 6) + b * n + cols, mask=mask, other=0.0)
+            if tl.max(((sums - sums) != 0.0).to(tl.int32), 0) > 0:
+                tl.store(flags + k, 1)
+            c = _scale(sums, tl.load(targets + tl.load(mat + 9) + 1 + b))
+        else:
+            c = tl.full([BC], 1.0, tl.float32)
+        tl.store(tl.load(mat + 8).to(tl.pointer_type(tl.float32)) + b * n + cols, c, mask=mask)
+
+
+@triton.jit
+def apply_pass(mats, segs, progs, gate, flags, decay, alpha,
+               GATE: tl.constexpr, USE_DECAY: tl.constexpr, BLOCK: tl.constexpr):
+    """W <- W decay - alpha diag(r) G diag(c) on BLOCK elements of one segment. GATE 1: nothing is written
+    when ``gate`` (the step's verdict, on the device) is nonzero; GATE 2: when the matrix's own flag is."""
+    pid = tl.program_id(0)
+    s = tl.load(progs + pid * 2)
+    e0 = tl.load(progs + pid * 2 + 1)
+    seg = segs + s * SEG_WIDTH
+    k = tl.load(seg + 9)
+    veto = 0.0
+    if GATE == 1:
+        veto = tl.load(gate)
+    if GATE == 2:
+        veto = tl.load(flags + k).to(tl.float32)
+    if veto == 0.0:
+        mat = mats + k * MAT_WIDTH
+        n = tl.load(mat + 1)
+        srow = tl.load(seg + 2)
+        scol = tl.load(seg + 4)
+        scols = tl.load(seg + 5)
+        blk = tl.load(seg + 6)
+        e = e0 + tl.arange(0, BLOCK)
+        mask = e < tl.load(seg + 3) * scols
+        r = tl.load(tl.load(mat + 7).to(tl.pointer_type(tl.float32)) + srow + e // scols, mask=mask, other=0.0)
+        c = tl.load(tl.load(mat + 8).to(tl.pointer_type(tl.float32)) + blk * n + scol + e % scols, mask=mask,
+                    other=0.0)
+        upd = _load_f32(tl.load(seg), tl.load(seg + 1), e, mask) * r * c
+        paddr = tl.load(seg + 7)
+        if tl.load(seg + 8) == 0:
+            pp = paddr.to(tl.pointer_type(tl.float32))
+            p = tl.load(pp + e, mask=mask, other=0.0)
+            if USE_DECAY:
+                p = p * decay
+            tl.store(pp + e, p - alpha * upd, mask=mask)
+        else:  # bf16 weights: rounded where torch rounds (the decayed weight, the update), then once more
+            pb = paddr.to(tl.pointer_type(tl.bfloat16))
+            p = tl.load(pb + e, mask=mask, other=0.0).to(tl.float32)
+            if USE_DECAY:
+                p = _round_bf16(p * decay)
+            tl.store(pb + e, _round_bf16(p - alpha * _round_bf16(upd)).to(tl.bfloat16), mask=mask)
