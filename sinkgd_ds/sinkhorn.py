@@ -266,13 +266,15 @@ class MatrixBatch:
                 sc.finite = not b
         return all([sc._finite for sc in self.scales])
 
-    def verdict(self) -> torch.Tensor:
-        """A 0-dim fp32 tensor on the scales' device: nonzero when some matrix is non-finite (no host sync where
-        the flags live on the device)."""
-        device = self.scales[0].r.device if self.scales else torch.device("cpu")
+    def verdict(self) -> torch.Tensor | None:
+        """A 0-dim fp32 tensor on the scales' device, nonzero when some matrix is non-finite (no host sync where
+        the flags live on the device); None for an empty batch."""
+        if not self.scales:
+            return None
+        device = self.scales[0].r.device
         parts = [sc.flag.reshape(()).float() if sc.flag is not None else
                  torch.tensor(0.0 if sc._finite else 1.0, device=device) for sc in self.scales]
-        return torch.stack(parts).amax() if parts else torch.zeros((), device=device)
+        return torch.stack(parts).amax()
 
     def apply_(self, step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
                recheck: bool = True, gate: torch.Tensor | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as _functional_adamw
 
 from .. import backends
 from .. import hparams as hp
@@ -90,8 +91,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     #: instance attributes that are configuration or counters (kept by copy.deepcopy and pickle); the rest are
     #: caches derived from these and from param_groups, rebuilt after a copy
-    PERSISTENT = ("_where", "nonfinite", "fallback_patterns", "split_by_kind", "implementation", "skipped_steps",
-                  "last_step_skipped", "last_skipped", "_layout_specs", "_group_layouts", "_consensus_group")
+    PERSISTENT = ("_where", "nonfinite", "fallback_patterns", "split_by_kind", "implementation", "_skipped_steps",
+                  "_last_step_skipped", "last_skipped", "_layout_specs", "_group_layouts", "_consensus_group")
+
+    #: whether the class can keep a step's non-finite verdict on the device (SWAN's whitening reads its own)
+    DEVICE_VERDICT = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None,
                  nonfinite: str = "step", config: dict[str, Any] | None = None, implementation: str = "auto"):
@@ -124,8 +128,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._layout_specs: list[MatrixSpec] = []
         self._group_layouts: dict[int, list[MatrixSpec]] = {}
         self._consensus_group = None
-        self.skipped_steps = 0
-        self.last_step_skipped = False
+        self._skipped_steps = 0
+        self._last_step_skipped = False
         self.last_skipped: list[str] = []  # nonfinite="matrix": what the last step left unchanged
         self._reset_caches()
         self._add_groups_again()
@@ -148,6 +152,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._dense_specs: dict[int, MatrixSpec] = {}
         self._shadows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._verdict = torch.zeros(1)
+        self._pending_skips: tuple[torch.Tensor, torch.Tensor] | None = None  # (skips not yet read, last verdict)
+        self._device_mode = False
         for g in groups:  # names given as (name, tensor) pairs live in the groups
             for name, p in zip(g.get("param_names", ()), g["params"]):
                 self._names[id(p)] = name
@@ -164,6 +170,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ copies (torch keeps only 3 attributes)
     def __getstate__(self) -> dict[str, Any]:
+        self._resolve_verdicts()
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self.PERSISTENT if k in self.__dict__})
         return state
@@ -453,38 +460,49 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _adamw_prepare(self, group: dict[str, Any]) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.grad is not None]
 
-    def _adamw_apply(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """torch's AdamW (decoupled decay); a complex parameter is stepped as its real and imaginary parts, as
-        torch's AdamW does (``view_as_real``), so |g|^2 and not g^2 enters the second moment."""
+    def _adamw_apply(self, group: dict[str, Any], params: list[torch.Tensor],
+                     found_inf: torch.Tensor | None = None) -> None:
+        """torch's own AdamW (decoupled decay), fused where torch has the fused kernel (CPU and CUDA): one launch
+        per device and dtype. ``found_inf`` (a 0-dim tensor, nonzero = skip) is the step's verdict kept on the
+        device: the kernel then writes nothing and the step counters stay. A complex parameter is stepped as its
+        real and imaginary parts (``view_as_real``), as torch's AdamW does, so |g|^2 enters the second moment."""
         if not params:
             return
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
         real = _as_real
         grads, m, v, steps, ps = [], [], [], [], []
         for p in params:
             st = self.state[p]
             if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
+            elif st["step"].device != p.device:  # (a checkpoint saved by a version that kept it on the CPU)
+                st["step"] = st["step"].to(p.device)
             grads.append(real(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)))
             m.append(real(st["exp_avg"]))
             v.append(real(st["exp_avg_sq"]))
             ps.append(real(p))
-            steps.append(float(st["step"]))
-        if wd:
-            torch._foreach_mul_(ps, 1.0 - lr * wd)
-        torch._foreach_lerp_(m, grads, 1.0 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
-        for p, mi, vi, t in zip(ps, m, v, steps):
-            bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
-            denom = (vi.sqrt() / (bc2**0.5)).add_(eps)
-            p.addcdiv_(mi, denom, value=-lr / bc1)
+            steps.append(st["step"])
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in ps)
+        if found_inf is not None and not fused:  # (torch's foreach AdamW has no found_inf: read it here)
+            if bool(found_inf.item() > 0):
+                return
+            found_inf = None
+        _functional_adamw(ps, grads, m, v, [], steps, foreach=None if fused else True, fused=fused or None,
+                                found_inf=None if found_inf is None else found_inf.reshape(()).float(),
+                                amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
+                                eps=group["eps"], maximize=False)
 
     # ------------------------------------------------------------------ the step
+    def _nonfinite_flag(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """A 0-dim fp32 tensor on the tensors' device, nonzero when any of them holds inf or NaN (no host read);
+        None when there is nothing to check."""
+        if not tensors:
+            return None
+        norms = torch._foreach_norm(list(tensors), float("inf"))  # (max |x|: inf or NaN exactly when non-finite)
+        return (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
+
     @staticmethod
     def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
         """Whether each tensor is all finite (one host sync for all of them)."""
@@ -492,6 +510,41 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _local_nonfinite(self, tensors: Iterable[torch.Tensor]) -> bool:
         return not all(self._finite_flags([t for t in tensors if t is not None]))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (on a GPU counted on the device, read here)."""
+        self._resolve_verdicts()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._resolve_verdicts()
+        self._skipped_steps = int(value)
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step was skipped (on a GPU the verdict stays on the device until read here)."""
+        self._resolve_verdicts()
+        return self._last_step_skipped
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value: bool) -> None:
+        self._resolve_verdicts()
+        self._last_step_skipped = bool(value)
+
+    def _resolve_verdicts(self) -> None:
+        """The device verdicts of the steps since the last read, into the counters (one host read)."""
+        pending = self.__dict__.get("_pending_skips")
+        if pending is None:
+            return
+        self._pending_skips = None
+        count, last = torch.stack([pending[0].float().cpu(), pending[1].float().cpu()]).tolist()
+        self._skipped_steps += int(count)
+        self._last_step_skipped = last > 0
+        if count:
+            log.warning("%s: non-finite gradients, %d step(s) skipped (no weight or state changed; %d skipped so far)",
+                        self._where, int(count), self._skipped_steps)
 
     @property
     def overflow(self) -> bool:
@@ -517,13 +570,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.last_comm = CommStats()
+        groups = self.kind_groups()
+        self._device_mode = self.nonfinite == "step" and self._verdict_on_device(groups)
+        if self._device_mode:
+            self._step_verdict_on_device(groups)
+            return loss
         if self.nonfinite == "matrix":
             self._step_skipping()
             self._store_shadows(applied=True)  # (a skipped matrix's stand-in still holds its old values)
             return loss
         # The last group's verdict completes the step's when every earlier one is clean and no other rank has a
         # say; that group may then write its update in the same pass (plan["applied"]), e.g. one native call.
-        groups = self.kind_groups()
         alone = self._consensus_group is None or not dist.is_initialized()
         last = len(groups) - 1
         plans: list[dict[str, Any]] = []
@@ -544,6 +601,40 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 self._apply(group, plan)
         self._store_shadows(applied=True)
         return loss
+
+    def _verdict_on_device(self, groups: Sequence[dict[str, Any]]) -> bool:
+        """Keep the verdict on the device: parameters on a GPU, or the Triton backend asked for (which is how the
+        path is tested on CPU, under Triton's interpreter)."""
+        if not self.DEVICE_VERDICT:
+            return False
+        if self.implementation == "triton":
+            return True
+        for group in groups:
+            for p in group["params"]:
+                return p.device.type != "cpu"
+        return False
+
+    def _step_verdict_on_device(self, groups: Sequence[dict[str, Any]]) -> None:
+        """The whole-step skip without a host read: every group's flag (a 0-dim device tensor) is combined and,
+        with other ranks, all-reduced on the device; every write (matrix kernels, fused AdamW's ``found_inf``, the
+        head momentum) is gated by it. ``last_step_skipped`` / ``skipped_steps`` read it when asked."""
+        plans = [self._prepare(group) for group in groups]
+        flags = [plan["flag"] for plan in plans if plan["flag"] is not None]
+        device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device if flags else "cpu")
+        verdict = torch.stack([f.to(device) for f in flags]).amax().reshape(1) if flags else \
+            torch.zeros(1, device=device)
+        if self._consensus_group is not None and dist.is_initialized():
+            all_reduce_sum(verdict, self._consensus_group)
+        verdict = verdict.reshape(())
+        for group, plan in zip(groups, plans):
+            self._apply(group, plan, gate=verdict)
+        skip = (verdict > 0).float()
+        pending = self._pending_skips
+        self._pending_skips = (skip.clone() if pending is None else pending[0].add_(skip), skip)
+        for p, shadow in self._shadows.values():  # (non-contiguous parameters: their stand-ins, gated)
+            with torch.no_grad():
+                p.copy_(torch.where(skip > 0, p, shadow))
+        self._store_shadows(applied=False)
 
     def _step_skipping(self) -> None:
         """nonfinite="matrix": every group steps on its own; a matrix (or fallback parameter) whose gradient is
@@ -576,20 +667,25 @@ class MatrixOptimizer(torch.optim.Optimizer):
         update (and say so with ``"applied": True``); a non-finite one must write nothing."""
         if group["kind"] == ADAMW:
             params = self._adamw_prepare(group)
+            if self._device_mode:
+                return {"params": params, "flag": self._nonfinite_flag([p.grad for p in params])}
             return {"params": params, "nonfinite": self._local_nonfinite(p.grad for p in params)}
         return self._prepare_matrices(group, final)
 
-    def _apply(self, group: dict[str, Any], plan: dict[str, Any]) -> None:
-        """Phase 2 (only when every rank agreed the step is finite): write weights and state."""
+    def _apply(self, group: dict[str, Any], plan: dict[str, Any], gate: torch.Tensor | None = None) -> None:
+        """Phase 2 (only when every rank agreed the step is finite, or gated by ``gate``, the verdict on the
+        device): write weights and state."""
         if group["kind"] == ADAMW:
-            self._adamw_apply(group, plan["params"])
+            self._adamw_apply(group, plan["params"], found_inf=gate)
         else:
-            self._apply_matrices(group, plan)
+            self._apply_matrices(group, plan, gate)
 
     def _prepare_matrices(self, group: dict[str, Any], final: bool = False) -> dict[str, Any]:
+        """Statistics and verdict of a matrix group: ``"nonfinite"`` (a bool), or in device mode ``"flag"``."""
         raise NotImplementedError
 
-    def _apply_matrices(self, group: dict[str, Any], plan: dict[str, Any]) -> None:
+    def _apply_matrices(self, group: dict[str, Any], plan: dict[str, Any], gate: torch.Tensor | None = None) -> None:
+        """Write the group's update; ``gate`` (device mode): a 0-dim tensor, nonzero = write nothing."""
         raise NotImplementedError
 
 

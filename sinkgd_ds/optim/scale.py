@@ -77,13 +77,16 @@ class SCALE(MatrixOptimizer):
     def _prepare_matrices(self, group, final=False):
         if group["kind"] == SCALE_HEAD:  # normalised after the momentum update, in _apply_matrices
             specs = self.matrix_specs(group)
-            return {"specs": specs, "nonfinite": self._local_nonfinite(p.grad for p in group["params"])}
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if self._device_mode:
+                return {"specs": specs, "flag": self._nonfinite_flag(grads)}
+            return {"specs": specs, "nonfinite": self._local_nonfinite(grads)}
         schedule = ("col",) if group["kind"] == SCALE_EMBED else ("row",)
         return prepare_normalized(self, group, schedule, final=final)
 
-    def _apply_matrices(self, group, plan):
+    def _apply_matrices(self, group, plan, gate=None):
         if group["kind"] != SCALE_HEAD:
-            apply_normalized(group, plan)
+            apply_normalized(group, plan, gate)
             return
         beta = group["momentum"]
         for p in group["params"]:
@@ -93,8 +96,12 @@ class SCALE(MatrixOptimizer):
             if HEAD_STATE not in st:
                 # (contiguous: the engine reads it as the flat rows of the matrix)
                 st[HEAD_STATE] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            st[HEAD_STATE].lerp_(p.grad.to(p.dtype), 1.0 - beta)
+            if gate is None:
+                st[HEAD_STATE].lerp_(p.grad.to(p.dtype), 1.0 - beta)
+            else:  # (a skipped step keeps the old momentum; a NaN gradient never enters it)
+                st[HEAD_STATE].copy_(torch.where(gate > 0, st[HEAD_STATE],
+                                                 st[HEAD_STATE].lerp(p.grad.to(p.dtype), 1.0 - beta)))
         group_plan = prepare_normalized(self, {**group, "params": [p for p in group["params"] if p.grad is not None]},
                                         ("row",), direction=self._momentum)
-        apply_normalized(group, group_plan)
+        apply_normalized(group, group_plan, gate)
 

@@ -42,16 +42,19 @@ def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, di
     verdict is final, see MatrixOptimizer._prepare) a clean group is also updated, in the same native call."""
     specs = matrices_with_gradients(opt, group)
     batch = opt.matrix_batch(specs, direction)
-    if final:
+    if final and not opt._device_mode:
         applied = batch.step_(schedule, matrix_step_size(group), group["weight_decay"], stats=opt.last_comm)
         return {"specs": specs, "batch": batch, "nonfinite": not applied, "applied": applied}
-    scales = batch.normalize(schedule, opt.last_comm)
-    return {"specs": specs, "batch": batch, "nonfinite": not all([s.finite for s in scales])}
+    batch.normalize(schedule, opt.last_comm)
+    if opt._device_mode:  # (the verdict stays on the device)
+        return {"specs": specs, "batch": batch, "flag": batch.verdict()}
+    return {"specs": specs, "batch": batch, "nonfinite": not batch.all_finite()}
 
 
-def apply_normalized(group: dict[str, Any], plan: dict[str, Any]) -> None:
-    """Write every matrix's update (one native call for the whole group on CPU)."""
-    plan["batch"].apply_(matrix_step_size(group), group["weight_decay"], recheck=False)
+def apply_normalized(group: dict[str, Any], plan: dict[str, Any], gate=None) -> None:
+    """Write every matrix's update (one native call for the whole group on CPU, one launch on CUDA); ``gate``:
+    the step's verdict on the device (nonzero: nothing is written)."""
+    plan["batch"].apply_(matrix_step_size(group), group["weight_decay"], recheck=False, gate=gate)
 
 
 class SinkGD(MatrixOptimizer):
@@ -85,8 +88,8 @@ class SinkGD(MatrixOptimizer):
     def _prepare_matrices(self, group, final=False):
         return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"], final=final)
 
-    def _apply_matrices(self, group, plan):
-        apply_normalized(group, plan)
+    def _apply_matrices(self, group, plan, gate=None):
+        apply_normalized(group, plan, gate)
 
     def _step_matrices_skipping(self, group):
         # each matrix is updated right after its own normalisation, while its G is still in cache

@@ -73,6 +73,7 @@ def blockwise_direction(g: torch.Tensor, blocks: RowBlocks, ns_steps: int) -> to
 class SWAN(MatrixOptimizer):
     GROUP_KEYS = (*MatrixOptimizer.GROUP_KEYS, "ns_steps")
     MATRIX_KINDS = (SWAN_KIND,)
+    DEVICE_VERDICT = False  # (the whitening reads its own norms on the host: SWAN keeps the host verdict)
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, ns_steps: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -99,7 +100,7 @@ class SWAN(MatrixOptimizer):
         frags = (f.tensor.grad.view(-1)[f.offset:f.offset + f.numel] for s in specs for f in s.fragments)
         return {"specs": specs, "nonfinite": self._local_nonfinite(frags)}
 
-    def _apply_matrices(self, group, plan):
+    def _apply_matrices(self, group, plan, gate=None):  # (gate: never set, DEVICE_VERDICT is False)
         for spec in plan["specs"]:
             full = gather_matrix(spec, grad_of)
             update = blockwise_direction(full, spec.blocks, group["ns_steps"])
