@@ -8,6 +8,7 @@ EXTRAS = {
     "hf": ["transformers>=5.0", "accelerate>=1.0", "tokenizers>=0.22"],
     "mpi": ["mpi4py>=4.1"],
     "train": ["tqdm", "matplotlib", "tensorboard"],
+    "triton": ["triton>=3.6"],  # the GPU backend; on CPU its interpreter runs the backend's tests
     "dev": ["pytest>=8", "hypothesis>=6", "ruff"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

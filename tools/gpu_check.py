@@ -51,13 +51,14 @@ class Phase:
 
 
 PHASES = [  # (limits add up to 570 s: the whole check fits one 10-minute call with room to start)
-    Phase("environment", 30, False, "device, driver, versions"),
-    Phase("engine", 60, True, "engine vs float64 reference on CUDA"),
-    Phase("deepspeed", 200, True, "main job ZeRO-1/2/3 bf16 + resume, DeepSpeed exactness configs"),
-    Phase("gloo2", 45, True, "two processes on one GPU over gloo"),
-    Phase("megatron", 75, True, "Megatron-Core entry, DistOpt, bf16"),
-    Phase("megatron_lm", 110, True, "Megatron-LM pretrain_gpt.py with --optimizer sinkgd"),
-    Phase("benchmarks", 50, True, "GPU benchmarks"),
+    Phase("environment", 20, False, "device, driver, versions"),
+    Phase("engine", 45, True, "engine vs float64 reference on CUDA"),
+    Phase("triton", 50, True, "the Triton backend's tests, compiled for the GPU"),
+    Phase("deepspeed", 170, True, "main job ZeRO-1/2/3 bf16 + resume, DeepSpeed exactness configs"),
+    Phase("gloo2", 35, True, "two processes on one GPU over gloo"),
+    Phase("megatron", 65, True, "Megatron-Core entry, DistOpt, bf16"),
+    Phase("megatron_lm", 95, True, "Megatron-LM pretrain_gpt.py with --optimizer sinkgd"),
+    Phase("benchmarks", 90, True, "GPU benchmarks"),
 ]
 
 
@@ -247,15 +248,14 @@ def phase_engine(ctx: Context) -> dict:
     """Dense, fused blocks, flat cuts and TP slices on ctx.device against the float64 reference."""
     import torch
 
-    from sinkgd_ds import SCALE, SinkGD, kernels
+    from sinkgd_ds import SCALE, SinkGD, backends
     from sinkgd_ds.layout import FlatMatrix, RowBlocks, dense_spec, flat_partition_specs
     from sinkgd_ds.sinkhorn import normalize_scales
     from tests.reference import row_rms_normalize, sr_sinkhorn, sr_sinkhorn_blocks
     from tests.simulated import ThreadGroup, run_ranks
 
-    native = ctx.device == "cpu" and kernels.lib() is not None  # (the triton backend does not exist yet)
-    dev, iters, out = ctx.device, 5, {"device": ctx.device, "backends": ["torch", *(["native"] if native else [])],
-                                      "cases": {}}
+    picked = backends.select("auto", [torch.device(ctx.device)]).name  # (what "auto" runs every case below on)
+    dev, iters, out = ctx.device, 5, {"device": ctx.device, "backend": picked, "cases": {}}
     tp_m, n_loc, tp = 10, 6, 2  # the TP case: a row-parallel 10 x 12 weight over 2 simulated TP ranks
     gen = torch.Generator().manual_seed(0)
 
@@ -492,6 +492,17 @@ def phase_megatron_lm(ctx: Context) -> dict:
     return out
 
 
+def phase_triton(ctx: Context) -> dict:
+    """tests/test_triton_backend.py on the GPU: the kernels compiled (not interpreted), production tiles."""
+    if ctx.device != "cuda":
+        raise Skipped("the Triton tests are compiled for a GPU here (CI runs them in Triton's interpreter)")
+    proc = _sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_backend.py"], ctx,
+               45)  # (raises with the output when a test fails)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    print("\n".join(tail[-30:]))
+    return {"pytest": tail[-1] if tail else ""}
+
+
 def phase_benchmarks(ctx: Context) -> dict:
     scripts = sorted((ROOT / "benchmarks").glob("gpu_*.py"))
     if not scripts:
@@ -500,7 +511,11 @@ def phase_benchmarks(ctx: Context) -> dict:
         raise Skipped("GPU benchmarks need CUDA")
     out = {}
     for s in scripts:
-        out[s.name] = _sh([sys.executable, str(s)], ctx, 110).stdout[-4000:]
+        js = ctx.out / f"{s.stem}.json"
+        out[s.name] = _sh([sys.executable, str(s), "--reps", "10", "--warmup", "2", "--json", str(js)], ctx,
+                          80).stdout[-4000:]
+        if js.is_file():
+            out[s.stem] = json.loads(js.read_text())
     print(json.dumps(out, indent=1))
     return out
 

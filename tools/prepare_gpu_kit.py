@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 64 * 2**20
 PINNED = ["megatron-core==0.16.1", "hjson==3.1.0", "pydantic==2.14.4", "pydantic-core==2.50.5",
-          "annotated-types==0.8.0", "typing-inspection==0.4.5", "six==1.17.0"]  # (the versions tested here)
+          "annotated-types==0.8.0", "typing-inspection==0.4.5", "six==1.17.0",  # (the versions tested here)
+          "pytest==9.0.3", "iniconfig==2.3.1", "pluggy==1.7.0", "packaging==26.4", "pygments==2.21.0"]  # (triton tests)
 MEGATRON_LM_FILES = ["pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training", "megatron/legacy"]
 MEGATRON_LM_TAG = "core_v0.16.1"
 
