@@ -249,8 +249,9 @@ class MatrixBatch:
         if rest:
             be.begin(self, rest)
             previous = None
-            for half in schedule:
-                be.partials(self, rest, half, previous)
+            for pos, half in enumerate(schedule):
+                following = schedule[pos + 1] if pos + 1 < len(schedule) else None
+                be.partials(self, rest, half, previous, following)
                 self.sums.reduce(half, stats)
                 previous = half
             if previous is not None:

@@ -89,6 +89,22 @@ def test_fused_row_blocks():
     assert rel(got, sr_sinkhorn_blocks(g, 3, rows)) <= TOL
 
 
+@pytest.mark.parametrize("blocks", [None, RowBlocks.from_sizes([3, 1, 2], repeats=2)])
+def test_local_one_pass_schedule_across_segments(blocks, monkeypatch):
+    """A local matrix cut into many segments (the engine bounds a segment's size): its row tiles stay inside
+    one segment and one row block, each emitting a row of column contributions that the column half adds up."""
+    import sinkgd_ds.layout as layout
+
+    monkeypatch.setattr(layout, "CHUNK_ELEMENTS", 27)  # 3 rows of 9 per segment
+    g = torch.randn(12, 9, generator=torch.Generator().manual_seed(4))
+    got, batch = update(g, ("row", "col") * 3, "triton", blocks)
+    assert len(batch.specs[0].segments) >= 4  # (several segments, and row tiles of 4 that cross none)
+    rows = [b for _ in range(2) for b, size in enumerate((3, 1, 2)) for _ in range(size)]
+    want = sr_sinkhorn(g, 3) if blocks is None else sr_sinkhorn_blocks(g, 3, rows)
+    assert rel(got, want) <= TOL
+    assert int((batch.prepared.row_progs[:, 7] >= 0).sum()) == len(batch.prepared.row_progs)  # (all one-pass)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_zero_rows_and_columns(dtype):
     g = torch.randn(9, 10, generator=torch.Generator().manual_seed(5))

@@ -179,7 +179,7 @@ class NativeBackend(TorchBackend):
         for i, flag in zip(batch.prepared.norm.index, batch.prepared.norm.bad):
             batch.scales[i].finite = flag == 0
 
-    def partials(self, batch, idx: list[int], half: str, previous: str | None) -> None:
+    def partials(self, batch, idx: list[int], half: str, previous: str | None, following: str | None = None) -> None:
         lib, sums = self.lib, batch.sums
         for i in idx:
             spec, sc = batch.specs[i], batch.scales[i]

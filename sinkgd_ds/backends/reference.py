@@ -81,7 +81,7 @@ class TorchBackend:
             batch.scales[i].c.fill_(1.0)
             batch.scales[i].set_flag(torch.zeros((), dtype=torch.bool, device=batch.scales[i].r.device))
 
-    def partials(self, batch, idx: list[int], half: str, previous: str | None) -> None:
+    def partials(self, batch, idx: list[int], half: str, previous: str | None, following: str | None = None) -> None:
         """This half's partial sums into the engine's buffers; first the other half's scales from its sums."""
         sums = batch.sums
         for i in idx:

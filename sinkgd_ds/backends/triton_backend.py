@@ -2,9 +2,11 @@
 
 A step is, whatever the number of matrices: one flag reset, one launch per half-iteration, one launch for the
 final scales and one for the update (2L + 3 launches for SinkGD with L iterations), plus the all-reduces the
-layout needs between halves. Descriptor tables are built on the host only when the batch's tensors move, and
-uploaded once (pinned, non-blocking); the verdict stays on the device (per-matrix flags), so nothing in a
-step waits for the GPU. The kernels are ``triton_kernels.py``.
+layout needs between halves. A matrix that no other rank shares reads G once per iteration (the row half adds
+its column contributions while the tile is in cache); a shared one reads it once per half. Descriptor tables
+are built on the host only when the batch's tensors move, and uploaded once (pinned, non-blocking); the
+verdict stays on the device (per-matrix flags), so nothing in a step waits for the GPU. The kernels are
+``triton_kernels.py``.
 
 Tensors the kernels cannot take (another dtype than fp32/bf16, non-contiguous, a tensor subclass such as a
 DTensor, tensors on several devices) make the batch use the torch reference instead: no address is ever
@@ -46,9 +48,11 @@ class _Tables:
     row_progs: torch.Tensor
     col_progs: torch.Tensor
     apply_progs: torch.Tensor
+    prows: torch.Tensor
+    partial: torch.Tensor  # local matrices: a row of column contributions per row tile (about G / 16 floats)
     flags: torch.Tensor  # int32 per matrix: nonzero = non-finite sums this step
     host: tuple  # the pinned host copies, alive until their non-blocking upload is done
-    have: dict
+    state: dict  # which sums this normalisation has computed; whether the last row half emitted partials
 
 
 class TritonBackend:
@@ -81,8 +85,9 @@ class TritonBackend:
         sums = batch.sums
         if sums.rows.device != device:
             return None
-        mats, segs, targets, row_progs, col_progs = [], [], [], [], []
+        mats, segs, targets, row_progs, col_progs, prows = [], [], [], [], [], []
         br, bc = self.ROW_TILE[0], self.COL_TILE[1]
+        partial_size = 0
         for k, (spec, sc) in enumerate(zip(batch.specs, batch.scales)):
             m, n = spec.shape
             nb = spec.blocks.count
@@ -105,10 +110,25 @@ class TritonBackend:
                          sc.c.data_ptr(), len(targets)))
             targets.append(spec.row_target)
             targets.extend(float(rows) ** 0.5 for rows in spec.blocks.global_rows)
-            tiles = _cdiv(m, br)
-            row_progs.extend((k, t * br, t, tiles) for t in range(tiles))
+            first = len(row_progs)
+            if spec.is_local and spec.segments and all(sg.col == 0 and sg.cols == n for sg in spec.segments):
+                # one pass per iteration: tiles inside one segment (hence one row block), each with its own
+                # row of column contributions in the partial buffer
+                p_lo = len(prows)
+                for i, sg in enumerate(spec.segments):
+                    for r0 in range(sg.row, sg.row + sg.rows, br):
+                        row_progs.append([k, r0, min(r0 + br, sg.row + sg.rows), 0, 0, lo + i, lo + i + 1, len(prows)])
+                        prows.append((partial_size, sg.block))
+                        partial_size += n
+                p_range = (p_lo, len(prows))
+            else:
+                row_progs.extend([k, t * br, min(t * br + br, m), 0, 0, lo, len(segs), -1] for t in range(_cdiv(m, br)))
+                p_range = (-1, -1)
+            for t, prog in enumerate(row_progs[first:]):
+                prog[3], prog[4] = t, len(row_progs) - first
             ctiles = _cdiv(n, bc)
-            col_progs.extend((k, b, t * bc, b * ctiles + t, nb * ctiles) for b in range(nb) for t in range(ctiles))
+            col_progs.extend((k, b, t * bc, b * ctiles + t, nb * ctiles, *p_range) for b in range(nb)
+                             for t in range(ctiles))
         seg_numel = torch.tensor([s[3] * s[5] for s in segs], dtype=torch.int64)
         tiles = (seg_numel + self.APPLY_BLOCK - 1) // self.APPLY_BLOCK
         seg_of = torch.repeat_interleave(torch.arange(len(segs)), tiles)
@@ -116,12 +136,15 @@ class TritonBackend:
         apply_progs = torch.stack([seg_of, (torch.arange(len(seg_of)) - first[seg_of]) * self.APPLY_BLOCK], 1)
         host = [torch.tensor(mats, dtype=torch.int64), torch.tensor(segs, dtype=torch.int64).reshape(-1, 10),
                 torch.tensor(targets, dtype=torch.float32), torch.tensor(row_progs, dtype=torch.int64),
-                torch.tensor(col_progs, dtype=torch.int64), apply_progs.contiguous()]
+                torch.tensor(col_progs, dtype=torch.int64), apply_progs.contiguous(),
+                torch.tensor(prows or [(0, 0)], dtype=torch.int64)]
         if device.type == "cuda":
             host = [t.pin_memory() for t in host]
         dev = [t.to(device, non_blocking=True) for t in host]
         flags = torch.zeros(len(batch.specs), dtype=torch.int32, device=device)
-        return _Tables(*dev, flags=flags, host=tuple(host), have={"row": False, "col": False})
+        partial = torch.empty(max(partial_size, 1), dtype=torch.float32, device=device)
+        return _Tables(*dev, partial=partial, flags=flags, host=tuple(host),
+                       state={"row": False, "col": False, "emitted": False})
 
     # ------------------------------------------------------------------ the engine's operations
     def normalize_local(self, batch, schedule: bytes) -> list[int]:
@@ -130,27 +153,31 @@ class TritonBackend:
     def begin(self, batch, idx: list[int]) -> None:
         tb = batch.prepared
         tb.flags.zero_()
-        tb.have["row"] = tb.have["col"] = False
+        tb.state.update(row=False, col=False, emitted=False)
         for i in idx:
             batch.scales[i].set_flag(tb.flags[i])
 
-    def partials(self, batch, idx: list[int], half: str, previous: str | None) -> None:
-        tb, sums = batch.prepared, batch.sums
+    def partials(self, batch, idx: list[int], half: str, previous: str | None, following: str | None = None) -> None:
+        tb, sums, st = batch.prepared, batch.sums, batch.prepared.state
         if half == "row":
             br, bc = self.ROW_TILE
-            self._launch(self.k.row_pass, len(tb.row_progs), tb.mats, tb.segs, tb.targets, tb.row_progs, sums.rows,
-                         sums.cols, tb.flags, HAVE_COL=tb.have["col"], BR=br, BC=bc)
+            emit = following == "col"  # (local matrices then add their column contributions in the same pass)
+            self._launch(self.k.row_pass, len(tb.row_progs), tb.mats, tb.segs, tb.targets, tb.row_progs, tb.prows,
+                         tb.partial, sums.rows, sums.cols, tb.flags, HAVE_COL=st["col"], EMIT=emit, BR=br, BC=bc)
+            st["emitted"] = emit
         else:
             br, bc = self.COL_TILE
-            self._launch(self.k.col_pass, len(tb.col_progs), tb.mats, tb.segs, tb.targets, tb.col_progs, sums.rows,
-                         sums.cols, tb.flags, HAVE_ROW=tb.have["row"], BR=br, BC=bc)
-        tb.have[half] = True
+            use = 1 if previous == "row" and st["emitted"] else 0
+            self._launch(self.k.col_pass, len(tb.col_progs), tb.mats, tb.segs, tb.targets, tb.col_progs, tb.prows,
+                         tb.partial, sums.rows, sums.cols, tb.flags, use, HAVE_ROW=st["row"], BR=br, BC=bc)
+            st["emitted"] = False
+        st[half] = True
 
     def finish(self, batch, idx: list[int], last: str) -> None:
         tb, sums = batch.prepared, batch.sums
         self._launch(self.k.finish_pass, len(tb.row_progs) + len(tb.col_progs), tb.mats, tb.targets, tb.row_progs,
-                     tb.col_progs, sums.rows, sums.cols, tb.flags, len(tb.row_progs), HAVE_ROW=tb.have["row"],
-                     HAVE_COL=tb.have["col"], BR=self.ROW_TILE[0], BC=self.COL_TILE[1])
+                     tb.col_progs, sums.rows, sums.cols, tb.flags, len(tb.row_progs), HAVE_ROW=tb.state["row"],
+                     HAVE_COL=tb.state["col"], BR=self.ROW_TILE[0], BC=self.COL_TILE[1])
 
     def apply(self, batch, idx: list[int], decay: float, alpha: float, gate: torch.Tensor | None) -> None:
         """Every matrix (``idx`` is all of them), or with ``idx`` a subset: the matrices whose flag is clear

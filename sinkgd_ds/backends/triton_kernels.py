@@ -4,6 +4,7 @@ Tensors are reached through int64 descriptor tables (addresses, sizes, offsets),
 tutorial, so one launch covers any number of matrices and layouts. Every sum is computed by exactly one
 program in a fixed order (a program owns a row tile of a matrix, or a column tile of one row block, and walks
 that matrix's segments in table order): no atomics, so every rank that shares a matrix gets the same bits.
+A matrix no other rank shares takes one pass over G per iteration (see ``row_pass``).
 The scales of the previous half are computed inside the kernel from its completed sums (zero sum -> zero
 scale) and every sums vector is checked for non-finite values by exactly one program per element, which sets
 the matrix's device flag; nothing is read back on the host.
@@ -12,8 +13,10 @@ Tables (int64, one row per entry; the column names below are the only coupling w
   segments  G address, G dtype code, row, rows, col, cols, block, W address, W dtype code, matrix
   matrices  m, n, blocks, first segment, end segment, row-sum offset, col-sum offset, r address, c address,
             offset of its targets in the float table (sqrt(n), then sqrt(global rows) of each block)
-  row programs  matrix, first row, tile index, tiles of the matrix
-  col programs  matrix, block, first column, tile index, tiles of the matrix
+  row programs  matrix, first row, end row, tile index, tiles of the matrix, first segment, end segment,
+                partial row (-1: none)
+  col programs  matrix, block, first column, tile index, tiles of the matrix, first and end partial row (-1)
+  partial rows  offset in the partial buffer, block
   apply programs  segment, first element
 A segment is a (rows x cols) run of G stored contiguously (rows == 1 or cols == n), so element (i, j) of the
 matrix is at ``address + (i - row) * cols + (j - col)``.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SEG_WIDTH, MAT_WIDTH, ROWP_WIDTH, COLP_WIDTH = 10, 10, 4, 5
+SEG_WIDTH, MAT_WIDTH, ROWP_WIDTH, COLP_WIDTH = 10, 10, 8, 7
 FP32, BF16 = 0, 1
 
 
@@ -71,23 +74,28 @@ def _flag_slice(sums, total, t, tiles, flags, k, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def row_pass(mats, segs, targets, progs, rowsum, colsum, flags,
-             HAVE_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Partial row sums sum_j G_ij^2 c_j^2 of a tile of BR rows of one matrix, over the segments held here."""
+def row_pass(mats, segs, targets, progs, prows, partial, rowsum, colsum, flags,
+             HAVE_COL: tl.constexpr, EMIT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Row sums sum_j G_ij^2 c_j^2 of a tile of rows [r0, r1) of one matrix, over the segments held here.
+
+    A *local* matrix (no other rank holds any of it; its tiles lie inside one segment and one row block) has
+    complete sums here, so with EMIT (a column half follows) the program also knows r_i and adds its tile's
+    column contributions r_i^2 G_ij^2 into its own row of ``partial`` while the tile is still in cache: one
+    pass over G per iteration. The column half then only adds those rows up (``col_pass``)."""
     pid = tl.program_id(0)
-    k = tl.load(progs + pid * ROWP_WIDTH)
-    r0 = tl.load(progs + pid * ROWP_WIDTH + 1)
+    prog = progs + pid * ROWP_WIDTH
+    k = tl.load(prog)
+    r0 = tl.load(prog + 1)
+    r1 = tl.load(prog + 2)
+    lo = tl.load(prog + 5)
+    hi = tl.load(prog + 6)
     mat = mats + k * MAT_WIDTH
-    m = tl.load(mat)
     n = tl.load(mat + 1)
-    lo = tl.load(mat + 3)
-    hi = tl.load(mat + 4)
     roff = tl.load(mat + 5)
     coff = tl.load(mat + 6)
     toff = tl.load(mat + 9)
     if HAVE_COL:
-        _flag_slice(colsum + coff, tl.load(mat + 2) * n, tl.load(progs + pid * ROWP_WIDTH + 2),
-                    tl.load(progs + pid * ROWP_WIDTH + 3), flags, k, BC)
+        _flag_slice(colsum + coff, tl.load(mat + 2) * n, tl.load(prog + 3), tl.load(prog + 4), flags, k, BC)
     rows = r0 + tl.arange(0, BR)
     acc = tl.zeros([BR], dtype=tl.float32)
     s = lo
@@ -95,14 +103,14 @@ def row_pass(mats, segs, targets, progs, rowsum, colsum, flags,
         seg = segs + s * SEG_WIDTH
         srow = tl.load(seg + 2)
         srows = tl.load(seg + 3)
-        if (srow < r0 + BR) & (srow + srows > r0):
+        if (srow < r1) & (srow + srows > r0):
             gaddr = tl.load(seg)
             gcode = tl.load(seg + 1)
             scol = tl.load(seg + 4)
             scols = tl.load(seg + 5)
             blk = tl.load(seg + 6)
             target = tl.load(targets + toff + 1 + blk)
-            rmask = (rows >= srow) & (rows < srow + srows)
+            rmask = (rows >= srow) & (rows < srow + srows) & (rows < r1)
             j = 0
             while j < scols:
                 cols = j + tl.arange(0, BC)
@@ -116,54 +124,81 @@ def row_pass(mats, segs, targets, progs, rowsum, colsum, flags,
                 acc += tl.sum(g * g * (c * c)[None, :], axis=1)
                 j += BC
         s += 1
-    tl.store(rowsum + roff + rows, acc, mask=rows < m)
+    tl.store(rowsum + roff + rows, acc, mask=rows < r1)
+    if EMIT:
+        prow = tl.load(prog + 7)
+        if prow >= 0:  # a local matrix: the tile's column contributions, from the same (cached) tile
+            seg = segs + lo * SEG_WIDTH
+            srow = tl.load(seg + 2)
+            gaddr = tl.load(seg)
+            gcode = tl.load(seg + 1)
+            r = _scale(acc, tl.load(targets + toff))
+            rmask = rows < r1
+            base = partial + tl.load(prows + prow * 2)
+            j = 0
+            while j < n:
+                cols = j + tl.arange(0, BC)
+                cmask = cols < n
+                g = _load_f32(gaddr, gcode, (rows - srow)[:, None] * n + cols[None, :], rmask[:, None] & cmask[None, :])
+                tl.store(base + cols, tl.sum(g * g * (r * r)[:, None], axis=0), mask=cmask)
+                j += BC
 
 
 @triton.jit
-def col_pass(mats, segs, targets, progs, rowsum, colsum, flags,
+def col_pass(mats, segs, targets, progs, prows, partial, rowsum, colsum, flags, use_partial,
              HAVE_ROW: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Partial column sums sum_i r_i^2 G_ij^2 of a tile of BC columns of one row block of one matrix."""
+    """Column sums sum_i r_i^2 G_ij^2 of a tile of BC columns of one row block of one matrix: for a local
+    matrix whose row half just emitted them (``use_partial`` 1), the sum of its tiles' rows of ``partial`` in
+    tile order; else over the segments held here."""
     pid = tl.program_id(0)
-    k = tl.load(progs + pid * COLP_WIDTH)
-    b = tl.load(progs + pid * COLP_WIDTH + 1)
-    c0 = tl.load(progs + pid * COLP_WIDTH + 2)
+    prog = progs + pid * COLP_WIDTH
+    k = tl.load(prog)
+    b = tl.load(prog + 1)
+    c0 = tl.load(prog + 2)
+    p_lo = tl.load(prog + 5)
+    p_hi = tl.load(prog + 6)
     mat = mats + k * MAT_WIDTH
     n = tl.load(mat + 1)
-    lo = tl.load(mat + 3)
-    hi = tl.load(mat + 4)
     roff = tl.load(mat + 5)
     coff = tl.load(mat + 6)
     target = tl.load(targets + tl.load(mat + 9))
     if HAVE_ROW:
-        _flag_slice(rowsum + roff, tl.load(mat), tl.load(progs + pid * COLP_WIDTH + 3),
-                    tl.load(progs + pid * COLP_WIDTH + 4), flags, k, BR)
+        _flag_slice(rowsum + roff, tl.load(mat), tl.load(prog + 3), tl.load(prog + 4), flags, k, BR)
     cols = c0 + tl.arange(0, BC)
     acc = tl.zeros([BC], dtype=tl.float32)
-    s = lo
-    while s < hi:
-        seg = segs + s * SEG_WIDTH
-        scol = tl.load(seg + 4)
-        scols = tl.load(seg + 5)
-        blk = tl.load(seg + 6)
-        if (blk == b) & (scol < c0 + BC) & (scol + scols > c0):
-            gaddr = tl.load(seg)
-            gcode = tl.load(seg + 1)
-            srow = tl.load(seg + 2)
-            srows = tl.load(seg + 3)
-            cmask = (cols >= scol) & (cols < scol + scols)
-            i = 0
-            while i < srows:
-                rr = i + tl.arange(0, BR)
-                rmask = rr < srows
-                if HAVE_ROW:
-                    r = _scale(tl.load(rowsum + roff + srow + rr, mask=rmask, other=1.0), target)
-                else:
-                    r = tl.full([BR], 1.0, tl.float32)
-                g = _load_f32(gaddr, gcode, rr[:, None] * scols + (cols - scol)[None, :],
-                              rmask[:, None] & cmask[None, :])
-                acc += tl.sum(g * g * (r * r)[:, None], axis=0)
-                i += BR
-        s += 1
+    if (p_lo >= 0).to(tl.int32) * use_partial > 0:
+        p = p_lo
+        while p < p_hi:
+            if tl.load(prows + p * 2 + 1) == b:
+                acc += tl.load(partial + tl.load(prows + p * 2) + cols, mask=cols < n, other=0.0)
+            p += 1
+    else:
+        s = tl.load(mat + 3)
+        hi = tl.load(mat + 4)
+        while s < hi:
+            seg = segs + s * SEG_WIDTH
+            scol = tl.load(seg + 4)
+            scols = tl.load(seg + 5)
+            blk = tl.load(seg + 6)
+            if (blk == b) & (scol < c0 + BC) & (scol + scols > c0):
+                gaddr = tl.load(seg)
+                gcode = tl.load(seg + 1)
+                srow = tl.load(seg + 2)
+                srows = tl.load(seg + 3)
+                cmask = (cols >= scol) & (cols < scol + scols)
+                i = 0
+                while i < srows:
+                    rr = i + tl.arange(0, BR)
+                    rmask = rr < srows
+                    if HAVE_ROW:
+                        r = _scale(tl.load(rowsum + roff + srow + rr, mask=rmask, other=1.0), target)
+                    else:
+                        r = tl.full([BR], 1.0, tl.float32)
+                    g = _load_f32(gaddr, gcode, rr[:, None] * scols + (cols - scol)[None, :],
+                                  rmask[:, None] & cmask[None, :])
+                    acc += tl.sum(g * g * (r * r)[:, None], axis=0)
+                    i += BR
+            s += 1
     tl.store(colsum + coff + b * n + cols, acc, mask=cols < n)
 
 
@@ -173,11 +208,11 @@ def finish_pass(mats, targets, row_progs, col_progs, rowsum, colsum, flags, n_ro
     """The final scales r (row programs) and c (col programs) from the completed sums; non-finite sums flag."""
     pid = tl.program_id(0)
     if pid < n_row_progs:
-        k = tl.load(row_progs + pid * ROWP_WIDTH)
-        r0 = tl.load(row_progs + pid * ROWP_WIDTH + 1)
+        prog = row_progs + pid * ROWP_WIDTH
+        k = tl.load(prog)
+        rows = tl.load(prog + 1) + tl.arange(0, BR)
+        mask = rows < tl.load(prog + 2)
         mat = mats + k * MAT_WIDTH
-        rows = r0 + tl.arange(0, BR)
-        mask = rows < tl.load(mat)
         if HAVE_ROW:
             sums = tl.load(rowsum + tl.load(mat + 5) + rows, mask=mask, other=0.0)
             if tl.max(((sums - sums) != 0.0).to(tl.int32), 0) > 0:
@@ -187,13 +222,12 @@ def finish_pass(mats, targets, row_progs, col_progs, rowsum, colsum, flags, n_ro
             r = tl.full([BR], 1.0, tl.float32)
         tl.store(tl.load(mat + 7).to(tl.pointer_type(tl.float32)) + rows, r, mask=mask)
     else:
-        q = pid - n_row_progs
-        k = tl.load(col_progs + q * COLP_WIDTH)
-        b = tl.load(col_progs + q * COLP_WIDTH + 1)
-        c0 = tl.load(col_progs + q * COLP_WIDTH + 2)
+        prog = col_progs + (pid - n_row_progs) * COLP_WIDTH
+        k = tl.load(prog)
+        b = tl.load(prog + 1)
         mat = mats + k * MAT_WIDTH
         n = tl.load(mat + 1)
-        cols = c0 + tl.arange(0, BC)
+        cols = tl.load(prog + 2) + tl.arange(0, BC)
         mask = cols < n
         if HAVE_COL:
             sums = tl.load(colsum + tl.load(mat + 6) + b * n + cols, mask=mask, other=0.0)
