@@ -28,6 +28,8 @@ class SinkGDOptimizerConfig(OptimizerConfig):
     """Matrices step with lr * sinkgd_lr_scale (paper setup: 0.02 * 0.05)."""
     sinkgd_split_fused: bool = True
     """Per-block column statistics for fused linear_qkv (Q/K/V) and SwiGLU linear_fc1 (gate/up)."""
+    sinkgd_implementation: str = "auto"
+    """Engine backend: auto (Triton on CUDA, the native kernels on CPU), torch, native or triton."""
 
 
 @dataclass

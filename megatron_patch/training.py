@@ -16,6 +16,7 @@ import dataclasses
 import functools
 from typing import Any
 
+from sinkgd_ds.backends import IMPLEMENTATIONS
 from sinkgd_ds.integrations.megatron import require
 
 from .config import CONFIGS, OURS, SinkGDOptimizerConfig
@@ -32,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Matrices step with lr * this; embeddings, output layer and vectors use AdamW at lr.")
     g.add_argument("--sinkgd-no-split-fused", dest="sinkgd_split_fused", action="store_false",
                    help="Treat fused linear_qkv / SwiGLU linear_fc1 as one matrix each.")
+    g.add_argument("--sinkgd-implementation", default="auto", choices=IMPLEMENTATIONS,
+                   help="Engine backend: auto = Triton on CUDA, the native kernels on CPU.")
     g.add_argument("--scale-momentum", type=float, default=0.9, help="SCALE: output-layer momentum.")
     g.add_argument("--swan-ns-steps", type=int, default=5, help="SWAN: Newton-Schulz steps of the whitening.")
     return parser

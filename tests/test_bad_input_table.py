@@ -51,10 +51,12 @@ TABLE = [
     (("SinkGD", "SWAN"), "fallback_patterns", "embed", "must be a list of regular expressions", ERROR),
     (("SinkGD", "SWAN"), "fallback_patterns", ["("], "is not a valid regular expression", ERROR),
     (("SCALE",), "head_patterns", ["["], "is not a valid regular expression", ERROR),
+    (ALL, "implementation", "cuda", "use one of auto, torch, native, triton", ERROR),
 ]
 # the Megatron config field (Megatron-LM flag) of each key; keys without one are not reachable from there
 MEGATRON_FIELD = {"lr": "lr", "lr_scale": "sinkgd_lr_scale", "weight_decay": "weight_decay", "eps": "adam_eps",
-                  "sinkhorn_iters": "sinkgd_iters", "momentum": "scale_momentum", "ns_steps": "swan_ns_steps"}
+                  "sinkhorn_iters": "sinkgd_iters", "momentum": "scale_momentum", "ns_steps": "swan_ns_steps",
+                  "implementation": "sinkgd_implementation"}
 
 
 def rows(entry_keys=None):

@@ -50,5 +50,5 @@ def test_megatron_reads_it():
         defaults = inspect.signature(entry.cls.__init__).parameters
         for field, kw in {**MEGATRON_COMMON_FIELDS, **entry.megatron_fields}.items():
             assert field in fields, (entry.name, field)
-            if field in entry.megatron_fields or field == "sinkgd_lr_scale":  # our fields: our defaults
+            if field in entry.megatron_fields or field.startswith("sinkgd_"):  # our fields: our defaults
                 assert fields[field] == defaults[kw].default, (entry.name, field)

@@ -388,3 +388,31 @@ def test_torch_backend_gated_on_the_device(monkeypatch):
     assert opt.skipped_steps == 1 == ref_opt.skipped_steps
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- choosing a backend
+def test_tensors_the_kernels_cannot_take_run_on_the_reference():
+    """fp16 and non-contiguous gradients never reach the kernels: the batch runs on the torch reference."""
+    g = torch.randn(7, 5, generator=torch.Generator().manual_seed(8))
+    for grad in (g.half(), g.t().contiguous().t()):
+        w = torch.zeros(7, 5, dtype=grad.dtype if grad.dtype == torch.half else torch.float32, device=DEVICE)
+        w.grad = grad.to(DEVICE)
+        batch = MatrixBatch([dense_spec(w)], grad_of, implementation="triton")
+        assert batch.step_(("row", "col") * 2, 1.0) is True
+        assert batch.backend.name == "torch"
+        assert rel(-w.double(), sr_sinkhorn(grad.double().cpu(), 2)) <= (1e-3 if grad.dtype == torch.half else TOL)
+
+
+def test_backend_choice_and_clear_errors(monkeypatch):
+    cpu, meta = [torch.device("cpu")], [torch.device("meta")]
+    assert backends.select("torch", cpu).name == "torch"
+    assert backends.select("auto", meta).name == "torch"
+    with pytest.raises(RuntimeError, match="implementation='native' runs on CPU tensors"):
+        backends.select("native", meta)
+    with pytest.raises(RuntimeError, match="implementation='triton' runs on CUDA tensors"):
+        backends.select("triton", meta)
+    monkeypatch.setenv(backends.ENV, "torch")  # the environment overrides what the optimizer asked for
+    assert backends.select("triton", cpu).name == "torch"
+    monkeypatch.setenv(backends.ENV, "gpu")
+    with pytest.raises(ValueError, match="implementation='gpu' is not allowed"):
+        backends.select("auto", cpu)

@@ -56,9 +56,11 @@ def scaled_update_(p: torch.Tensor, g: torch.Tensor, r: torch.Tensor, c: torch.T
     p.add_(upd.to(p.dtype), alpha=-alpha)
 
 
-def segment_view(tensor: torch.Tensor, seg: Segment) -> torch.Tensor:
-    """The (rows, cols) view of ``seg`` inside a fragment's tensor (or its gradient)."""
-    return tensor.view(-1)[seg.offset : seg.offset + seg.rows * seg.cols].view(seg.rows, seg.cols)
+def segment_view(tensor: torch.Tensor, seg: Segment, read_only: bool = False) -> torch.Tensor:
+    """The (rows, cols) view of ``seg`` inside a fragment's tensor, or, ``read_only``, of its gradient (which
+    may be non-contiguous: then a copy of its elements in row-major order)."""
+    flat = tensor.reshape(-1) if read_only else tensor.view(-1)
+    return flat[seg.offset : seg.offset + seg.rows * seg.cols].view(seg.rows, seg.cols)
 
 
 class TorchBackend:
@@ -131,4 +133,4 @@ class TorchBackend:
 
 def _segments(spec: MatrixSpec, direction):
     for seg in spec.segments:
-        yield seg, segment_view(direction(spec.fragments[seg.fragment].tensor), seg)
+        yield seg, segment_view(direction(spec.fragments[seg.fragment].tensor), seg, read_only=True)
