@@ -27,8 +27,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SEG_WIDTH, MAT_WIDTH, ROWP_WIDTH, COLP_WIDTH = 10, 10, 8, 7
-FP32, BF16 = 0, 1
+# (globals a kernel reads must be tl.constexpr: the compiler refuses others, the interpreter does not check)
+SEG_WIDTH = tl.constexpr(10)
+MAT_WIDTH = tl.constexpr(10)
+ROWP_WIDTH = tl.constexpr(8)
+COLP_WIDTH = tl.constexpr(7)
 
 
 @triton.jit
@@ -205,38 +208,39 @@ def col_pass(mats, segs, targets, progs, prows, partial, rowsum, colsum, flags, 
 @triton.jit
 def finish_pass(mats, targets, row_progs, col_progs, rowsum, colsum, flags, n_row_progs,
                 HAVE_ROW: tl.constexpr, HAVE_COL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """The final scales r (row programs) and c (col programs) from the completed sums; non-finite sums flag."""
+    """The final scales r (row programs) and c (col programs) from the completed sums; non-finite sums flag.
+    (The two branches name their values apart: the compiler wants one type per name across them.)"""
     pid = tl.program_id(0)
     if pid < n_row_progs:
-        prog = row_progs + pid * ROWP_WIDTH
-        k = tl.load(prog)
-        rows = tl.load(prog + 1) + tl.arange(0, BR)
-        mask = rows < tl.load(prog + 2)
-        mat = mats + k * MAT_WIDTH
+        rprog = row_progs + pid * ROWP_WIDTH
+        rk = tl.load(rprog)
+        rows = tl.load(rprog + 1) + tl.arange(0, BR)
+        rmask = rows < tl.load(rprog + 2)
+        rmat = mats + rk * MAT_WIDTH
         if HAVE_ROW:
-            sums = tl.load(rowsum + tl.load(mat + 5) + rows, mask=mask, other=0.0)
-            if tl.max(((sums - sums) != 0.0).to(tl.int32), 0) > 0:
-                tl.store(flags + k, 1)
-            r = _scale(sums, tl.load(targets + tl.load(mat + 9)))
+            rsums = tl.load(rowsum + tl.load(rmat + 5) + rows, mask=rmask, other=0.0)
+            if tl.max(((rsums - rsums) != 0.0).to(tl.int32), 0) > 0:
+                tl.store(flags + rk, 1)
+            r = _scale(rsums, tl.load(targets + tl.load(rmat + 9)))
         else:
             r = tl.full([BR], 1.0, tl.float32)
-        tl.store(tl.load(mat + 7).to(tl.pointer_type(tl.float32)) + rows, r, mask=mask)
+        tl.store(tl.load(rmat + 7).to(tl.pointer_type(tl.float32)) + rows, r, mask=rmask)
     else:
-        prog = col_progs + (pid - n_row_progs) * COLP_WIDTH
-        k = tl.load(prog)
-        b = tl.load(prog + 1)
-        mat = mats + k * MAT_WIDTH
-        n = tl.load(mat + 1)
-        cols = tl.load(prog + 2) + tl.arange(0, BC)
-        mask = cols < n
+        cprog = col_progs + (pid - n_row_progs) * COLP_WIDTH
+        ck = tl.load(cprog)
+        b = tl.load(cprog + 1)
+        cmat = mats + ck * MAT_WIDTH
+        n = tl.load(cmat + 1)
+        cols = tl.load(cprog + 2) + tl.arange(0, BC)
+        cmask = cols < n
         if HAVE_COL:
-            sums = tl.load(colsum + tl.load(mat + 6) + b * n + cols, mask=mask, other=0.0)
-            if tl.max(((sums - sums) != 0.0).to(tl.int32), 0) > 0:
-                tl.store(flags + k, 1)
-            c = _scale(sums, tl.load(targets + tl.load(mat + 9) + 1 + b))
+            csums = tl.load(colsum + tl.load(cmat + 6) + b * n + cols, mask=cmask, other=0.0)
+            if tl.max(((csums - csums) != 0.0).to(tl.int32), 0) > 0:
+                tl.store(flags + ck, 1)
+            c = _scale(csums, tl.load(targets + tl.load(cmat + 9) + 1 + b))
         else:
             c = tl.full([BC], 1.0, tl.float32)
-        tl.store(tl.load(mat + 8).to(tl.pointer_type(tl.float32)) + b * n + cols, c, mask=mask)
+        tl.store(tl.load(cmat + 8).to(tl.pointer_type(tl.float32)) + b * n + cols, c, mask=cmask)
 
 
 @triton.jit
