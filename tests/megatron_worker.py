@@ -159,7 +159,7 @@ def reference(full: dict[str, torch.Tensor], steps: int, split: bool = True, opt
 
 # ---------------------------------------------------------------------- one distributed config
 def build(full: dict[str, torch.Tensor], tp: int, dist_opt: bool, bf16: bool = False, optimizer: str = "sinkgd",
-          bucket_size: int | None = 1500, split: bool = True):
+          bucket_size: int | None = 1500, split: bool = True, implementation: str = "auto"):
     """(Re)initialise model parallelism and build model (weights = slices of ``full``), DDP and optimizer."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -183,7 +183,7 @@ def build(full: dict[str, torch.Tensor], tp: int, dist_opt: bool, bf16: bool = F
     cfg = CONFIGS[optimizer](
         lr=LR, weight_decay=WD, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS,
         sinkgd_iters=ITERS, sinkgd_lr_scale=LR_SCALE, use_distributed_optimizer=dist_opt, bf16=bf16,
-        clip_grad=0.0, sinkgd_split_fused=split)
+        clip_grad=0.0, sinkgd_split_fused=split, sinkgd_implementation=implementation)
     return model, ddp, get_megatron_optimizer(cfg, [ddp])
 
 
@@ -241,16 +241,18 @@ def masters(model, opt) -> dict[str, torch.Tensor]:
 
 
 def run_config(full: dict[str, torch.Tensor], tp: int, dist_opt: bool, steps: int, bf16: bool = False,
-               optimizer: str = "sinkgd", bucket_size: int | None = 1500, split: bool = True) -> dict:
+               optimizer: str = "sinkgd", bucket_size: int | None = 1500, split: bool = True,
+               implementation: str = "auto") -> dict:
     from megatron.core import parallel_state as ps
 
-    model, ddp, opt = build(full, tp, dist_opt, bf16, optimizer, bucket_size, split)
+    model, ddp, opt = build(full, tp, dist_opt, bf16, optimizer, bucket_size, split, implementation)
     losses = train(model, ddp, opt, 0, steps)
     inner = opt.chained_optimizers[0]
     return {"tp": tp, "tp_rank": ps.get_tensor_model_parallel_rank(),
             "types": (type(inner).__name__, type(inner.optimizer).__name__),
             "weights": masters(model, opt), "losses": global_losses(losses),
             "kinds": {g["kind"] for g in inner.optimizer.param_groups},
+            "backends": sorted({b.backend.name for b in inner.optimizer._batches.values() if b.backend}),
             "dims": {n: tp_dim(p) for n, p in model.named_parameters()}}
 
 

@@ -50,7 +50,9 @@ CONFIGS_2 = [
     dict(label="bf16-swan-dp2-distopt", tp=1, dist_opt=True, bf16=True, steps=1, optimizer="swan"),
 ]
 CONFIGS_4 = [dict(label="tp2xdp2", tp=2, dist_opt=False), dict(label="tp2xdp2-distopt", tp=2, dist_opt=True),
-             dict(label="scale-tp2xdp2-distopt", tp=2, dist_opt=True, optimizer="scale")]
+             dict(label="scale-tp2xdp2-distopt", tp=2, dist_opt=True, optimizer="scale"),
+             # the Triton backend (Triton's interpreter here): TP slices, DistOpt ranges and fused blocks
+             dict(label="triton-tp2xdp2-distopt", tp=2, dist_opt=True, implementation="triton")]
 REFUSED_2 = [dict(label="swan-tp2", tp=2, dist_opt=False, optimizer="swan", expect_error=ValueError)]
 
 
@@ -140,3 +142,10 @@ def test_swan_with_tp_refused(world2):
 def test_exact_tp2_dp2(world2, world4, cfg):
     ref = world2[0]["reference"][ref_key(cfg)]  # same seed, same batches: the reference does not depend on the layout
     _check(world4, ref, cfg)
+
+
+def test_triton_backend_ran(world4):
+    """(the triton config above really ran on the Triton backend; the others on the native kernels)"""
+    for r in world4:
+        assert r["runs"]["triton-tp2xdp2-distopt"]["backends"] == ["triton"]
+        assert r["runs"]["tp2xdp2-distopt"]["backends"] == ["native"]
