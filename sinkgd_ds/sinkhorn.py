@@ -99,9 +99,9 @@ class PartialSums:
 
     Matrices are laid out stably sorted by which groups complete their sums (a property of the matrix, so
     every rank of a group sorts alike), which makes every group's matrices one contiguous slice in the common
-    layouts (ZeRO, Megatron TP + distributed optimizer). ``buckets[half]``: per stage (shard group first, then
-    the TP group of that half), one ``(group, slices)`` per distinct group, slices in the order all ranks list
-    the matrices; a single slice is reduced in place.
+    layouts (ZeRO, Megatron TP + distributed optimizer). ``buckets[half]``: one ``(group, slices)`` per
+    process group (see ``_buckets``), slices in the order all ranks list the matrices; a single slice is
+    reduced in place.
     """
 
     def __init__(self, specs: Sequence[MatrixSpec], device: torch.device):
@@ -119,24 +119,29 @@ class PartialSums:
         self.buckets = {half: self._buckets(specs, order, half) for half in ("row", "col")}
 
     def _buckets(self, specs, order, half):
+        """One bucket per process group that completes some matrix's sums of this half: every matrix whose
+        chain (its shard groups, then the tensor-parallel group of this half) holds that group, in list order.
+        Buckets of shard groups come first, then those of tensor-parallel groups, each in order of first
+        appearance: the same order on every rank of a group. (Sums commute, so a matrix cut along one dimension
+        by several mesh dimensions is complete after one all-reduce per group, in any order.)"""
         offsets, sizes = (self.row_offsets, self.row_sizes) if half == "row" else (self.col_offsets, self.col_sizes)
-        stages = []
-        for stage in (0, 1):
-            groups: dict[int, tuple[object, list[int]]] = {}
-            for i, sp in enumerate(specs):  # list order: the order every rank of the group agrees on
-                g = sp.shard_group if stage == 0 else (sp.row_group if half == "row" else sp.col_group)
-                if g is not None:
-                    groups.setdefault(id(g), (g, []))[1].append(i)
-            buckets = []
-            for g, idx in groups.values():
-                idx_sorted = sorted(idx, key=offsets.__getitem__)
-                contiguous = idx_sorted == idx and all(
-                    offsets[a] + sizes[a] == offsets[b] for a, b in zip(idx, idx[1:]))
-                slices = [(offsets[idx[0]], offsets[idx[-1]] + sizes[idx[-1]])] if contiguous else \
-                    [(offsets[i], offsets[i] + sizes[i]) for i in idx]
-                buckets.append((g, slices))
-            stages.append(buckets)
-        return stages
+        groups: dict[int, list] = {}  # id -> [group, is a tensor-parallel group, matrices]
+        for i, sp in enumerate(specs):
+            for tp, gs in ((False, sp.shard_group), (True, sp.row_group if half == "row" else sp.col_group)):
+                for g in (gs if isinstance(gs, tuple) else (gs,)):
+                    if g is not None:
+                        entry = groups.setdefault(id(g), [g, tp, []])
+                        entry[1] = entry[1] or tp
+                        if not entry[2] or entry[2][-1] != i:
+                            entry[2].append(i)
+        buckets = []
+        for g, _tp, idx in sorted(groups.values(), key=lambda e: e[1]):  # (stable: first appearance within)
+            idx_sorted = sorted(idx, key=offsets.__getitem__)
+            contiguous = idx_sorted == idx and all(offsets[a] + sizes[a] == offsets[b] for a, b in zip(idx, idx[1:]))
+            slices = [(offsets[idx[0]], offsets[idx[-1]] + sizes[idx[-1]])] if contiguous else \
+                [(offsets[i], offsets[i] + sizes[i]) for i in idx]
+            buckets.append((g, slices))
+        return buckets
 
     def row(self, i: int) -> torch.Tensor:
         return self.rows[self.row_offsets[i] : self.row_offsets[i] + self.row_sizes[i]]
@@ -145,24 +150,23 @@ class PartialSums:
         return self.cols[self.col_offsets[i] : self.col_offsets[i] + self.col_sizes[i]]
 
     def reduce(self, half: Half, stats: CommStats) -> None:
-        """Complete this half's sums: one all-reduce per process group and stage, in place where contiguous."""
+        """Complete this half's sums: one all-reduce per process group, in place where contiguous."""
         buf = self.rows if half == "row" else self.cols
-        for buckets in self.buckets[half]:
-            for group, slices in buckets:
-                if len(slices) == 1:
-                    view = buf[slices[0][0] : slices[0][1]]
-                    all_reduce_sum(view, group)
-                    n = view.numel()
-                else:
-                    tmp = torch.cat([buf[a:b] for a, b in slices])
-                    all_reduce_sum(tmp, group)
-                    pos = 0
-                    for a, b in slices:
-                        buf[a:b].copy_(tmp[pos : pos + b - a])
-                        pos += b - a
-                    n = tmp.numel()
-                stats.collectives += 1
-                stats.elements += n
+        for group, slices in self.buckets[half]:
+            if len(slices) == 1:
+                view = buf[slices[0][0] : slices[0][1]]
+                all_reduce_sum(view, group)
+                n = view.numel()
+            else:
+                tmp = torch.cat([buf[a:b] for a, b in slices])
+                all_reduce_sum(tmp, group)
+                pos = 0
+                for a, b in slices:
+                    buf[a:b].copy_(tmp[pos : pos + b - a])
+                    pos += b - a
+                n = tmp.numel()
+            stats.collectives += 1
+            stats.elements += n
 
 
 class MatrixBatch:
@@ -373,8 +377,10 @@ def gather_matrix(spec: MatrixSpec, direction: Direction) -> torch.Tensor:
     full = torch.zeros(m * n, dtype=torch.float32, device=dev)
     for f in spec.fragments:
         full[f.start : f.start + f.numel] = direction(f.tensor).view(-1)[f.offset : f.offset + f.numel].float()
-    if spec.shard_group is not None:
-        all_reduce_sum(full, spec.shard_group)  # fragments are disjoint, so the sum assembles them
+    groups = spec.shard_group if isinstance(spec.shard_group, tuple) else (spec.shard_group,)
+    for group in groups:  # fragments are disjoint, so the sum assembles them
+        if group is not None:
+            all_reduce_sum(full, group)
     return full.view(m, n)
 
 

@@ -212,7 +212,7 @@ def test_random_flat_cuts_equal_dense(world, seed):
             batch = MatrixBatch(specs, grad_of, implementation=impl)
             stats = CommStats()
             assert batch.step_(("row", "col") * iters, 1.0, stats=stats) is True
-            assert all(len(b) == 1 for stage in batch.sums.buckets.values() for bs in stage for _, b in bs)
+            assert all(len(sl) == 1 for buckets in batch.sums.buckets.values() for _, sl in buckets)  # (in place)
             return part.detach().cpu(), stats.collectives
 
         results = run_ranks(world, rank_fn)

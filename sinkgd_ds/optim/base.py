@@ -21,6 +21,7 @@ from torch.optim.adamw import adamw as _functional_adamw
 
 from .. import backends
 from .. import hparams as hp
+from ..integrations.dtensor import dtensor_spec, is_dtensor, local_tensor
 from ..layout import MatrixSpec, dense_spec
 from ..sinkhorn import CommStats, Direction, MatrixBatch, all_reduce_sum
 from .step_hooks import hooked_step
@@ -151,6 +152,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._index_layouts()
         self._dense_specs: dict[int, MatrixSpec] = {}
         self._shadows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dtensor_specs: dict[int, tuple[torch.Tensor, MatrixSpec]] = {}  # id(param) -> (param, its layout)
+        self._dtensor_of: dict[int, torch.Tensor] = {}  # id(local block) -> its DTensor parameter
+        self._has_dtensors = any(is_dtensor(p) for g in groups for p in g["params"])
         self._verdict = torch.zeros(1)
         self._pending_skips: tuple[torch.Tensor, torch.Tensor] | None = None  # (skips not yet read, last verdict)
         self._device_mode = False
@@ -197,8 +201,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return super().__reduce_ex__(protocol)
 
     def _process_groups(self) -> list[object]:
-        specs = [*self._layout_specs, *(s for g in self._group_layouts.values() for s in g)]
-        groups = [self._consensus_group, *(x for s in specs for x in (s.shard_group, s.row_group, s.col_group))]
+        specs = [*self._layout_specs, *(s for g in self._group_layouts.values() for s in g),
+                 *(c[1] for c in self._dtensor_specs.values())]
+        groups = [self._consensus_group]
+        for s in specs:
+            for x in (s.shard_group, s.row_group, s.col_group):
+                groups.extend(x if isinstance(x, tuple) else (x,))
         return list({id(g): g for g in groups if g is not None}.values())
 
     @classmethod
@@ -272,12 +280,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                 f"of the params is {type(p).__name__}")
             if pname is not None:
                 self._names[id(p)] = pname
-            if _is_dtensor(p):
-                raise ValueError(f"{where}: parameter {self._label(p)!r} is a DTensor (FSDP2 / torch tensor "
-                                 f"parallelism); {self._where} does not describe DTensor layouts yet, so it cannot "
-                                 "normalise it exactly. Use the DeepSpeed or Megatron integration, or unsharded "
-                                 "parameters (DDP)")
             kind = self._kind(param_group, p)
+            if is_dtensor(p):
+                self._check_dtensor(where, p, kind)
             if kind != ADAMW and p.is_complex():
                 raise ValueError(f"{where}: parameter {self._label(p)!r} is complex ({p.dtype}); {self._where}'s "
                                  f"{kind} update is defined for real matrices only. Give it kind 'adamw' (AdamW on "
@@ -400,6 +405,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if id(p) in self._layouts:
                 specs.extend(self._layouts[id(p)])
+            elif is_dtensor(p):
+                specs.append(self._dtensor_spec(p))
             elif p.dim() >= 2:
                 specs.append(self._dense_spec(p))
             else:
@@ -427,6 +434,38 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if spec.owner is not p:
             self._load_shadow(p, spec.owner)
         return spec
+
+    def _check_dtensor(self, where: str, p: torch.Tensor, kind: str) -> None:
+        """A DTensor parameter (FSDP2, torch tensor parallelism): its layout is read from its placements (any
+        placement it cannot complete sums over is refused now, before training starts)."""
+        if self.nonfinite != "step":
+            raise ValueError(f"{where}: nonfinite={self.nonfinite!r} needs unsharded parameters; {self._label(p)!r} "
+                             "is a DTensor (use nonfinite='step', which skips the whole step on every rank alike)")
+        if kind != ADAMW:
+            try:
+                dtensor_spec(self._label(p), p)  # (raises with the parameter and the placement)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        self._has_dtensors = True
+
+    def _dtensor_spec(self, p: torch.Tensor) -> MatrixSpec:
+        """The layout of a DTensor matrix (built once), with this step's local gradient attached to the local
+        block the engine works on (released after the step)."""
+        cached = self._dtensor_specs.get(id(p))
+        local = local_tensor(p)
+        if cached is None or cached[0] is not p or cached[1].owner is not local:
+            cached = self._dtensor_specs[id(p)] = (p, dtensor_spec(self._label(p), p))
+            self._dtensor_of[id(local)] = p
+        local.grad = None if p.grad is None else local_tensor(p.grad)
+        return cached[1]
+
+    def _release_dtensor_grads(self) -> None:
+        for _param, spec in self._dtensor_specs.values():
+            spec.owner.grad = None
+
+    def _param_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The parameter a tensor the engine sees stands for: a DTensor for its local block, else itself."""
+        return self._dtensor_of.get(id(t), t)
 
     def _load_shadow(self, p: torch.Tensor, shadow: torch.Tensor) -> None:
         with torch.no_grad():
@@ -500,13 +539,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         None when there is nothing to check."""
         if not tensors:
             return None
-        norms = torch._foreach_norm(list(tensors), float("inf"))  # (max |x|: inf or NaN exactly when non-finite)
+        norms = torch._foreach_norm([_local(t) for t in tensors], float("inf"))  # (max |x|: inf or NaN exactly
+        # when non-finite; on local blocks: a DTensor's norm would be a collective)
         return (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
 
     @staticmethod
     def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
         """Whether each tensor is all finite (one host sync for all of them)."""
-        return torch.stack([torch.isfinite(t).all() for t in tensors]).tolist() if tensors else []
+        return torch.stack([torch.isfinite(_local(t)).all() for t in tensors]).tolist() if tensors else []
 
     def _local_nonfinite(self, tensors: Iterable[torch.Tensor]) -> bool:
         return not all(self._finite_flags([t for t in tensors if t is not None]))
@@ -553,14 +593,21 @@ class MatrixOptimizer(torch.optim.Optimizer):
         wrappers (where our optimizer is the engine's own optimizer: stage 0 fp32)."""
         return self.last_step_skipped
 
+    def _consensus(self) -> object | None:
+        """The ranks that must agree on skipping a step: the integration's group, or, with DTensor parameters,
+        every rank (their matrices and AdamW shards span the mesh)."""
+        if self._consensus_group is not None or not self._has_dtensors or not dist.is_initialized():
+            return self._consensus_group
+        return dist.group.WORLD
+
     def _agree(self, bad: bool) -> bool:
-        if self._consensus_group is None or not dist.is_initialized():
+        if self._consensus() is None or not dist.is_initialized():
             return bad
         # One buffer for the optimizer's life: a tensor that a gloo work item still holds when Python drops it
         # is freed on gloo's thread, which aborts the process if that happens while the interpreter exits.
         flag = self._verdict
         flag.fill_(1.0 if bad else 0.0)
-        all_reduce_sum(flag, self._consensus_group)
+        all_reduce_sum(flag, self._consensus())
         return bool(flag.item() > 0)
 
     @hooked_step
@@ -569,19 +616,27 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            self._step()
+        finally:
+            if self._dtensor_specs:
+                self._release_dtensor_grads()
+        return loss
+
+    def _step(self) -> None:
         self.last_comm = CommStats()
         groups = self.kind_groups()
         self._device_mode = self.nonfinite == "step" and self._verdict_on_device(groups)
         if self._device_mode:
             self._step_verdict_on_device(groups)
-            return loss
+            return
         if self.nonfinite == "matrix":
             self._step_skipping()
             self._store_shadows(applied=True)  # (a skipped matrix's stand-in still holds its old values)
-            return loss
+            return
         # The last group's verdict completes the step's when every earlier one is clean and no other rank has a
         # say; that group may then write its update in the same pass (plan["applied"]), e.g. one native call.
-        alone = self._consensus_group is None or not dist.is_initialized()
+        alone = self._consensus() is None or not dist.is_initialized()
         last = len(groups) - 1
         plans: list[dict[str, Any]] = []
         bad = False
@@ -595,12 +650,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             log.warning("%s: non-finite gradients, step skipped (no weight or state changed; %d skipped so far)",
                         self._where, self.skipped_steps)
-            return loss
+            return
         for group, plan in zip(groups, plans):
             if not plan.get("applied", False):
                 self._apply(group, plan)
         self._store_shadows(applied=True)
-        return loss
 
     def _verdict_on_device(self, groups: Sequence[dict[str, Any]]) -> bool:
         """Keep the verdict on the device: parameters on a GPU, or the Triton backend asked for (which is how the
@@ -623,8 +677,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device if flags else "cpu")
         verdict = torch.stack([f.to(device) for f in flags]).amax().reshape(1) if flags else \
             torch.zeros(1, device=device)
-        if self._consensus_group is not None and dist.is_initialized():
-            all_reduce_sum(verdict, self._consensus_group)
+        if self._consensus() is not None and dist.is_initialized():
+            all_reduce_sum(verdict, self._consensus())
         verdict = verdict.reshape(())
         for group, plan in zip(groups, plans):
             self._apply(group, plan, gate=verdict)
@@ -703,12 +757,9 @@ def _check_naming(params: list, owner: str) -> None:
                          "pass model.named_parameters() everywhere, or bare tensors everywhere")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # (a torch without DTensor)
-        return False
-    return isinstance(t, DTensor)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local block (checks on it need no collective); any other tensor as it is."""
+    return local_tensor(t) if is_dtensor(t) else t
 
 
 def _as_real(t: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import hparams as hp
+from ..integrations.dtensor import is_dtensor, local_tensor
 from .base import ADAMW, MatrixOptimizer, logical_shape
 from .sinkgd import apply_normalized, prepare_normalized
 
@@ -72,7 +73,9 @@ class SCALE(MatrixOptimizer):
             hp.unit_interval(where, key, value)
 
     def _momentum(self, t):
-        return self.state[t][HEAD_STATE]
+        """Direction of the head: its momentum (for a DTensor head, the local block of its momentum)."""
+        m = self.state[self._param_of(t)][HEAD_STATE]
+        return local_tensor(m) if is_dtensor(m) else m
 
     def _prepare_matrices(self, group, final=False):
         if group["kind"] == SCALE_HEAD:  # normalised after the momentum update, in _apply_matrices
