@@ -44,16 +44,18 @@ def shard(model, world: int, layout: str, mp: bool = False):
 
 
 def train(world: int, opt: str, layout: str, data: list[torch.Tensor], hp: dict | None = None,
-          poison_step: int | None = None, mp: bool = False) -> dict:
+          poison_step: int | None = None, mp: bool = False, gas: int = 1) -> dict:
+    """``data``: one batch per step, or with ``gas`` micro-batches per step, ``gas`` consecutive ones."""
     model = make_model()
     dp, dp_size = shard(model, world, layout, mp)
     optimizer = CLASSES[opt](model.named_parameters(), lr=0.02, **(hp or {}))
     placements = {n: str(p.placements) for n, p in model.named_parameters()}
     comm, skipped, snaps = [], [], []
-    for step, batch in enumerate(data):
-        per = batch.shape[0] // dp_size
+    for step in range(len(data) // gas):
         optimizer.zero_grad()
-        model(batch[dp * per : (dp + 1) * per]).backward()
+        for batch in data[step * gas : (step + 1) * gas]:  # (FSDP2 accumulates the sharded gradients)
+            per = batch.shape[0] // dp_size
+            (model(batch[dp * per : (dp + 1) * per]) / gas).backward()
         if poison_step == step and dist.get_rank() == world - 1:  # a NaN in one rank's shard only
             model.up.weight.grad.to_local().view(-1)[0] = float("nan")
         with CollectiveLog() as log:
@@ -77,3 +79,31 @@ def run(rank: int, world: int, configs: list[tuple[str, dict]]) -> dict:
 
             out[key] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
     return out
+
+
+def checkpoint_run(rank: int, world: int, opt: str, layout: str, batches: list[torch.Tensor], path: str,
+                   save_after: int | None = None, load: bool = False) -> dict:
+    """Train on ``batches`` (from the checkpoint at ``path`` when ``load``), saving with
+    torch.distributed.checkpoint after ``save_after`` steps; returns the full weights after each step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = make_model()
+    dp, dp_size = shard(model, world, layout)
+    optimizer = CLASSES[opt](model.named_parameters(), lr=0.02)
+    if load:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    snaps = []
+    for step, batch in enumerate(batches):
+        per = batch.shape[0] // dp_size
+        optimizer.zero_grad()
+        model(batch[dp * per : (dp + 1) * per]).backward()
+        optimizer.step()
+        snaps.append({n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+        if save_after is not None and step + 1 == save_after:
+            msd, osd = get_state_dict(model, optimizer)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    return {"snaps": snaps, "state_keys": sorted({k for st in optimizer.state.values() for k in st})}

@@ -457,6 +457,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             cached = self._dtensor_specs[id(p)] = (p, dtensor_spec(self._label(p), p))
             self._dtensor_of[id(local)] = p
         local.grad = None if p.grad is None else local_tensor(p.grad)
+        self.state[p]  # noqa: B018 - an (empty) entry: torch.distributed.checkpoint's set_state_dict wants one for
+        # every parameter that requires grad, so the stateless matrices round-trip as empty states
         return cached[1]
 
     def _release_dtensor_grads(self) -> None:
