@@ -186,3 +186,28 @@ def test_gradient_accumulation(runs):
     ref = reference_run("SinkGD", {}, d, [0.02] * STEPS, gas=2)
     for n, want in ref.items():  # (norm.bias starts at 0: its weight is its change; AdamW at 1e-4 as Megatron's)
         assert rel(r["weights"][n], want) <= (TOL if n in MATRICES else 1e-4), n
+
+
+# ---------------------------------------------------------------------- clients
+def test_accelerate_fsdp2_plugin(tmp_path):
+    """Accelerate's FSDP2 plugin: model and our optimizer in one prepare() (Accelerate swaps the optimizer's
+    parameters for their DTensors); exact against the reference, embeddings / head / norms still on AdamW."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .distributed import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    torch.save(data(12), tmp_path / "data.pt")
+    out = tmp_path / "result.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "tests/jobs/accelerate_fsdp2_job.py", "--data", str(tmp_path / "data.pt"),
+                           "--out", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = torch.load(out, weights_only=False)
+    assert (r["world"], r["inner"]) == (2, "SinkGD") and r["placements"]["up.weight"] == "(Shard(dim=0),)"
+    assert r["kinds"]["embed_tokens.weight"] == "adamw" and r["kinds"]["up.weight"] == "sinkgd", r["kinds"]
+    check({"weights": r["weights"]}, "SinkGD", key="accelerate-fsdp2")

@@ -230,7 +230,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return name is not None and any(r.search(name) for r in self._fallback_re)
 
     def _name(self, p: torch.Tensor) -> str | None:
-        return self._names.get(id(p)) or getattr(p, NAME_ATTR, None)
+        name = self._names.get(id(p)) or getattr(p, NAME_ATTR, None)
+        if name is None and "_where" in self.__dict__:
+            # A parameter swapped into a group after construction (Accelerate's FSDP2 prepare() puts the sharded
+            # DTensors in place of the originals): its name is still beside it in torch's ``param_names``.
+            for g in self.param_groups:
+                for q, n in zip(g["params"], g.get("param_names", ())):
+                    if q is p:
+                        self._names[id(p)] = n
+                        return n
+        return name
 
     def _kind(self, group: dict[str, Any], p: torch.Tensor) -> str:
         """The kind that steps ``p``: its group's ``kind`` when set, else what :meth:`classify` says (cached)."""
@@ -628,6 +637,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _step(self) -> None:
         self.last_comm = CommStats()
         groups = self.kind_groups()
+        if not self._has_dtensors:  # (parameters may be swapped for DTensors after construction: Accelerate)
+            self._has_dtensors = any(is_dtensor(g["params"][0]) for g in groups if g["params"])
         self._device_mode = self.nonfinite == "step" and self._verdict_on_device(groups)
         if self._device_mode:
             self._step_verdict_on_device(groups)
