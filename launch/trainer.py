@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,12 @@ def optimizer_label(engine: Any) -> str:
     return type(opt).__name__ + (f" ({', '.join(kinds)})" if kinds else "")
 
 
-def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
+def layout_label(engine: Any) -> str:
+    return getattr(engine, "layout_label", None) or f"ZeRO-{engine.zero_optimization_stage()}"
+
+
+def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False) -> int:
+    """The loop on a DeepSpeed engine, or (``fsdp``) on torch's FSDP2 through ``launch.fsdp_engine``."""
     import deepspeed
 
     import sinkgd_ds  # noqa: F401  - registers "SinkGD" / "SCALE" / "SWAN" as DeepSpeed optimizer types
@@ -63,13 +69,23 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
     run, ds_cfg, data, out = plan["run"], plan["ds"], plan["data"], plan["out"]
     data: TokenData
     t, ev, ck = run["train"], run["eval"], run["checkpoint"]
-    deepspeed.init_distributed()
+    if fsdp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     model = build_model(run, data.vocab_size)
     params = sum(p.numel() for p in model.parameters())
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+    if fsdp:
+        from launch.fsdp_engine import FSDPEngine
+
+        engine = FSDPEngine(model, ds_cfg)
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     seq, batch = t["seq_len"], t["batch_size"]
     state: dict[str, Any] = {"step": 0, "losses": [], "val": [], "tokens": 0, "data_sha256": data.sha256}
@@ -85,7 +101,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
     windows = val_windows(data, seq, ev["sequences"]) if ev["every"] else None
     if rank == 0:
         print(f"data: {data.describe}\nmodel: {plan['model_name']} ({params / 1e6:.2f}M params), "
-              f"{optimizer_label(engine)}, ZeRO-{engine.zero_optimization_stage()}, {world} ranks, batch {batch} x "
+              f"{optimizer_label(engine)}, {layout_label(engine)}, {world} ranks, batch {batch} x "
               f"{seq} tokens (micro {micro} x accumulation {gas} x {world} ranks)\nrun dir: {out}", flush=True)
     bar = report.progress_bar(t["steps"], state["step"], rank == 0 and not args.no_progress)
     stopped_by, run_tokens, train_time, last_ckpt = None, 0, 0.0, None
@@ -147,7 +163,8 @@ def finish(plan: dict[str, Any], args: argparse.Namespace, engine: Any, state: d
         logs = ds_cfg.get("csv_monitor", {}).get("output_path") or ds_cfg.get("tensorboard", {}).get("output_path")
         summary = {
             "model": plan["model_name"], "params": params, "optimizer": optimizer_label(engine),
-            "zero_stage": engine.zero_optimization_stage(), "world": dist.get_world_size(),
+            "zero_stage": engine.zero_optimization_stage(), "layout": layout_label(engine),
+            "world": dist.get_world_size(),
             "step": state["step"], "steps": run["train"]["steps"], "resumed_from": resumed_from,
             "stopped_by": stopped_by, "tokens": run_tokens, "tokens_total": state["tokens"],
             "train_seconds": train_time, "tokens_per_s": run_tokens / train_time if train_time else 0.0,
