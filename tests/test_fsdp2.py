@@ -155,8 +155,9 @@ def test_triton_backend_under_fsdp2(runs):
 @pytest.mark.parametrize("opt", ["SinkGD", "SCALE"])
 def test_dcp_resume_same_and_other_world_size(tmp_path, opt):
     """get_state_dict / dcp.save after 2 of 4 steps at 2 ranks; set_state_dict from it: at 2 ranks the last two
-    steps equal the uninterrupted run's bit for bit; at 3 ranks (the AdamW moments and SCALE's head momentum
-    resharded, the stateless groups empty) they equal the float64 reference of all four steps."""
+    steps equal the uninterrupted run's bit for bit; at 3 ranks and on a 2 x 2 FSDP x TP mesh (the AdamW moments
+    and SCALE's head momentum resharded, the stateless groups empty) they equal the float64 reference of all
+    four steps."""
     from .fsdp2_worker import checkpoint_run
 
     d = data(12, steps=4)
@@ -169,6 +170,9 @@ def test_dcp_resume_same_and_other_world_size(tmp_path, opt):
     (other, *_) = spawn(checkpoint_run, 3, opt, "fsdp", d[2:], path, None, True, timeout=300)
     check({"weights": other["snaps"][-1]}, opt, steps=4, key="resume at 3 ranks")
     assert "exp_avg" in full["state_keys"] and "exp_avg" in other["state_keys"]
+    # another mesh shape: the 1-D FSDP checkpoint into FSDP x TP on a 2 x 2 mesh
+    (mesh2d, *_) = spawn(checkpoint_run, 4, opt, "fsdp_tp", d[2:], path, None, True, timeout=300)
+    check({"weights": mesh2d["snaps"][-1]}, opt, steps=4, key="resume on a 2 x 2 FSDP x TP mesh")
 
 
 def test_gradient_accumulation(runs):
