@@ -258,3 +258,33 @@ def test_main_job_on_fsdp2_trains_and_resumes_exactly(tmp_path):
     resumed = json.loads((cut_dir / "summary.json").read_text())
     assert resumed["resumed_from"] == 5 and resumed["losses"] == full["losses"]
     assert resumed["val"] == full["val"]
+
+
+def test_hf_trainer_fsdp2(tmp_path):
+    """HF Trainer, FSDP2, our optimizer through ``optimizer_cls_and_kwargs`` (names tagged with
+    ``tag_parameter_names``: the Trainer hands the optimizer bare tensors, which Accelerate then swaps for
+    DTensors): a tiny LLaMA trains on 2 ranks with embeddings, head and norms on AdamW and every projection
+    on SinkGD. (Its data loader and schedule are the Trainer's: checked for routing and a falling loss.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .distributed import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "tests/jobs/hf_trainer_fsdp2_job.py", "--out", str(out)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert (r["world"], r["inner"], r["placements"]) == (2, "SinkGD", ["(Shard(dim=0),)"])
+    kinds = r["kinds"]
+    assert kinds["model.embed_tokens.weight"] == "adamw" and kinds["lm_head.weight"] == "adamw"
+    projections = [n for n in kinds if n.endswith("_proj.weight")]
+    assert len(projections) == 14 and all(kinds[n] == "sinkgd" for n in projections)
+    assert all(k == "adamw" for n, k in kinds.items() if "norm" in n)
+    assert len(r["losses"]) == 12 and r["losses"][-1] < r["losses"][0] - 0.3, r["losses"]

@@ -154,6 +154,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._shadows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dtensor_specs: dict[int, tuple[torch.Tensor, MatrixSpec]] = {}  # id(param) -> (param, its layout)
         self._dtensor_of: dict[int, torch.Tensor] = {}  # id(local block) -> its DTensor parameter
+        self._group_names: dict[int, list[str | None]] = {}  # id(group) -> names of its tagged bare tensors
         self._has_dtensors = any(is_dtensor(p) for g in groups for p in g["params"])
         self._verdict = torch.zeros(1)
         self._pending_skips: tuple[torch.Tensor, torch.Tensor] | None = None  # (skips not yet read, last verdict)
@@ -161,6 +162,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         for g in groups:  # names given as (name, tensor) pairs live in the groups
             for name, p in zip(g.get("param_names", ()), g["params"]):
                 self._names[id(p)] = name
+            if "param_names" not in g:  # tagged bare tensors: their names by position, for swapped parameters
+                tags = [getattr(p, NAME_ATTR, None) for p in g["params"]]
+                if any(t is not None for t in tags):
+                    self._group_names[id(g)] = tags
 
     def _index_layouts(self) -> None:
         """``_layout_specs`` by owner tensor, and no prepared batch (they hold specs of the layout before)."""
@@ -233,9 +238,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         name = self._names.get(id(p)) or getattr(p, NAME_ATTR, None)
         if name is None and "_where" in self.__dict__:
             # A parameter swapped into a group after construction (Accelerate's FSDP2 prepare() puts the sharded
-            # DTensors in place of the originals): its name is still beside it in torch's ``param_names``.
+            # DTensors in place of the originals): its name is still at its position, in torch's ``param_names``
+            # or, for tagged bare tensors (the HF Trainer passes those), in ours.
             for g in self.param_groups:
-                for q, n in zip(g["params"], g.get("param_names", ())):
+                for q, n in zip(g["params"], g.get("param_names") or self._group_names.get(id(g), ())):
                     if q is p:
                         self._names[id(p)] = n
                         return n
@@ -298,6 +304,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                  "its real and imaginary parts, as torch's AdamW does) or view it as real")
         if not self.split_by_kind:
             super().add_param_group({**param_group, "params": items})
+            if not any(named) and any(name is not None for name, _ in pairs):  # (tagged bare tensors)
+                self._group_names[id(self.param_groups[-1])] = [name for name, _ in pairs]
             return
         # (bare tensors: the engines replace a group's tensors by flat partitions, which names would not fit;
         # the names stay known to this optimizer for routing and messages)
