@@ -24,7 +24,7 @@ class FSDPEngine:
 
     layout_label = "FSDP2"
 
-    def __init__(self, model: torch.nn.Module, ds_cfg: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, ds_cfg: dict[str, Any], tensor_parallel: int = 1):
         from deepspeed.runtime import lr_schedules
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -34,7 +34,22 @@ class FSDPEngine:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
         model.to(self.device)
-        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        world = dist.get_world_size()
+        if tensor_parallel > 1:  # FSDP over "dp" x tensor parallelism over "tp" (torchtitan's LLaMA plan)
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            full = init_device_mesh(self.device.type, (world // tensor_parallel, tensor_parallel),
+                                    mesh_dim_names=("dp", "tp"))
+            plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
+            plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                         "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+            for layer in model.model.layers:
+                parallelize_module(layer, full["tp"], plan)
+            mesh = full["dp"]
+        else:
+            mesh = init_device_mesh(self.device.type, (world,))
+        self.data_parallel_rank, self.data_parallel_size = mesh.get_local_rank(), mesh.size()
+        self.layout_label = "FSDP2" if tensor_parallel == 1 else f"FSDP2 x TP{tensor_parallel}"
         bf16 = bool(ds_cfg.get("bf16", {}).get("enabled"))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         for layer in model.model.layers:
@@ -76,11 +91,22 @@ class FSDPEngine:
         if self.micro_steps % self.accumulation:
             return
         if self.clipping > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clipping)
+            self._clip_gradients(self.clipping)
         self.basic_optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.basic_optimizer.zero_grad(set_to_none=True)
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Global-norm clipping over parameters that may live on different meshes (FSDP x TP: torch's
+        clip_grad_norm_ cannot stack norms of DTensors from two meshes): each squared norm is completed on its
+        own mesh, then summed."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        squares = [g.float().square().sum() for g in grads]
+        total = torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in squares]).sum().sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype) if not hasattr(g, "placements") else coef.item())
 
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.basic_optimizer.param_groups]

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from launch.config import (  # noqa: E402
     ROOT,
+    ConfigError,
     add_run_control_args,
     check_stop_at_step,
     load_run_config,
@@ -58,8 +59,9 @@ def map_mpi_env() -> None:
         os.environ.setdefault("MASTER_PORT", "29533")
 
 
-def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything that can fail on bad input, before any process group starts."""
+def prepare(args: argparse.Namespace, tensor_parallel: int = 1) -> dict[str, Any]:
+    """Everything that can fail on bad input, before any process group starts (``tensor_parallel``: ranks per
+    tensor-parallel group; the batch is split over the other, data-parallel, dimension)."""
     from launch import runstate
     from launch.data import check_lengths, load_tokens
 
@@ -71,6 +73,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run_config(args.model, overrides)
     ds_path = Path(args.deepspeed_config)
     world = world_size_from_env()
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ConfigError(f"--tp={tensor_parallel} must be a positive divisor of the world size {world}")
+    world //= tensor_parallel
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-{ds_path.stem}"
     ds = resolve_ds_config(ds_path, run, out, args.micro_batch, args.bf16, world)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `launch` importable
 
-from launch.config import ROOT, add_run_control_args, run_entry  # noqa: E402
+from launch.config import ROOT, ConfigError, add_run_control_args, run_entry  # noqa: E402
 from launch.pretrain import prepare  # noqa: E402
 
 
@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="override any run-config key (repeatable)")
     ap.add_argument("--micro_batch", type=int, default=None, help="sets train_micro_batch_size_per_gpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 MixedPrecisionPolicy (fp32 sharded parameters)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group (FSDP x TP on a 2-D mesh; "
+                    "attention and MLP projections column/row-parallel as in torchtitan)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<model>-<config>-fsdp2)")
     add_run_control_args(ap)
     return ap.parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     def train(plan):
         from launch.trainer import train as train_loop  # torch.distributed starts only after the checks
 
-        rc = train_loop(plan, args, fsdp=True)
+        rc = train_loop(plan, args, fsdp=True, tensor_parallel=args.tp)
         # The process group is down and every file written; leave without interpreter finalization: a gloo
         # worker thread that releases a Python-owned tensor while the interpreter finalizes aborts the rank
         # ("terminate called without an active exception"), seen about 1 run in 10-30 (tests/jobs do the same).
@@ -53,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(rc)
 
-    return run_entry(lambda: prepare(args), train)
+    def checked():
+        plan = prepare(args, args.tp)
+        m = plan["run"]["model"]
+        for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            value = m.get(key) or m["num_attention_heads"]
+            if value % args.tp:
+                raise ConfigError(f"--tp={args.tp}: model.{key}={value} is not divisible by it")
+        return plan
+
+    return run_entry(checked, train)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def build_model(run: dict[str, Any], vocab_size: int) -> torch.nn.Module:
 def evaluate(engine: Any, windows: torch.Tensor) -> float:
     """Mean val loss over fixed windows, split across ranks (each rank a strided share)."""
     engine.eval()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = getattr(engine, "data_parallel_rank", None), getattr(engine, "data_parallel_size", None)
+    if rank is None:  # (DeepSpeed: every rank is a data-parallel rank)
+        rank, world = dist.get_rank(), dist.get_world_size()
     micro = engine.train_micro_batch_size_per_gpu()
     mine = windows[rank::world]
     total, count = 0.0, 0
@@ -60,7 +62,7 @@ def layout_label(engine: Any) -> str:
     return getattr(engine, "layout_label", None) or f"ZeRO-{engine.zero_optimization_stage()}"
 
 
-def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False) -> int:
+def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, tensor_parallel: int = 1) -> int:
     """The loop on a DeepSpeed engine, or (``fsdp``) on torch's FSDP2 through ``launch.fsdp_engine``."""
     import deepspeed
 
@@ -83,7 +85,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False) ->
     if fsdp:
         from launch.fsdp_engine import FSDPEngine
 
-        engine = FSDPEngine(model, ds_cfg)
+        engine = FSDPEngine(model, ds_cfg, tensor_parallel)
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -102,16 +104,18 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False) ->
     if rank == 0:
         print(f"data: {data.describe}\nmodel: {plan['model_name']} ({params / 1e6:.2f}M params), "
               f"{optimizer_label(engine)}, {layout_label(engine)}, {world} ranks, batch {batch} x "
-              f"{seq} tokens (micro {micro} x accumulation {gas} x {world} ranks)\nrun dir: {out}", flush=True)
+              f"{seq} tokens (micro {micro} x accumulation {gas} x {getattr(engine, 'data_parallel_size', world)} "
+              f"data-parallel ranks)\nrun dir: {out}", flush=True)
     bar = report.progress_bar(t["steps"], state["step"], rank == 0 and not args.no_progress)
     stopped_by, run_tokens, train_time, last_ckpt = None, 0, 0.0, None
     rows_per_rank = micro
+    dp_rank, dp_world = getattr(engine, "data_parallel_rank", rank), getattr(engine, "data_parallel_size", world)
     while state["step"] < t["steps"]:
         t0 = time.perf_counter()
         step = state["step"]
         loss_sum = 0.0
         for m in range(gas):
-            first = m * world * micro + rank * rows_per_rank
+            first = m * dp_world * micro + dp_rank * rows_per_rank
             ids = train_batch(data, t["seed"], step, batch, seq, slice(first, first + micro)).to(engine.device)
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)

@@ -218,10 +218,12 @@ def test_accelerate_fsdp2_plugin(tmp_path):
 
 
 # ---------------------------------------------------------------------- the main job on FSDP2
-def test_main_job_on_fsdp2_trains_and_resumes_exactly(tmp_path):
-    """launch/pretrain_fsdp.py under torchrun (2 ranks, tiny LLaMA, SinkGD from the same JSON as the DeepSpeed
-    entry): the loss falls; stopped after step 5 (--stop_at_step: checkpoint + exit) and resumed with --resume,
-    its losses equal the uninterrupted run's bit for bit; the summary, plot and DCP checkpoints are there."""
+@pytest.mark.parametrize("tp", [1, 2], ids=["fsdp", "fsdp_x_tp2"])
+def test_main_job_on_fsdp2_trains_and_resumes_exactly(tmp_path, tp):
+    """launch/pretrain_fsdp.py under torchrun (tiny LLaMA, SinkGD from the same JSON as the DeepSpeed entry; 2
+    ranks of FSDP, or 4 = FSDP 2 x TP 2): the loss falls; stopped after step 5 (--stop_at_step: checkpoint +
+    exit) and resumed with --resume, its losses equal the uninterrupted run's bit for bit; the summary, plot and
+    DCP checkpoints are there."""
     import json
     import os
     import subprocess
@@ -233,11 +235,12 @@ def test_main_job_on_fsdp2_trains_and_resumes_exactly(tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     steps = 8
-    args = ["launch/pretrain_fsdp.py", "--model", "tiny", "--steps", str(steps), "--set", "eval.every=4",
-            "--set", "eval.sequences=4", "--set", "checkpoint.every=0", "--set", "train.log_every=1", "--no_progress"]
+    args = ["launch/pretrain_fsdp.py", "--model", "tiny", "--steps", str(steps), "--tp", str(tp), "--set",
+            "eval.every=4", "--set", "eval.sequences=4", "--set", "checkpoint.every=0", "--set", "train.log_every=1",
+            "--no_progress"]
 
     def launch(extra):
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(2 * tp), "--master_port",
                str(free_port()), *args, *extra]
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -246,7 +249,8 @@ def test_main_job_on_fsdp2_trains_and_resumes_exactly(tmp_path):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     text = launch(["--out", str(full_dir)])
     full = json.loads((full_dir / "summary.json").read_text())
-    assert "FSDP2" in text and full["layout"] == "FSDP2" and full["world"] == 2
+    layout = "FSDP2" if tp == 1 else "FSDP2 x TP2"
+    assert layout in text and full["layout"] == layout and full["world"] == 2 * tp
     assert full["optimizer"].startswith("SinkGD") and full["step"] == steps
     assert full["losses"][-1] < full["losses"][0] - 0.5, full["losses"]
     assert (full_dir / "loss.png").is_file() and [s for s, _ in full["val"]] == [4, 8]
