@@ -292,3 +292,31 @@ def test_hf_trainer_fsdp2(tmp_path):
     assert len(projections) == 14 and all(kinds[n] == "sinkgd" for n in projections)
     assert all(k == "adamw" for n, k in kinds.items() if "norm" in n)
     assert len(r["losses"]) == 12 and r["losses"][-1] < r["losses"][0] - 0.3, r["losses"]
+    # the same run driven by a plain single-process loop: the Trainer's batches in order (its sampler made
+    # sequential, no clipping), global batch = both ranks' batches, its linear schedule
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sinkgd_ds import SinkGD
+
+    from .jobs.hf_trainer_job import Walk
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg)
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    opt = SinkGD(ref.named_parameters(), lr=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 12)
+    x = Walk().x
+    for step in range(12):
+        rows = torch.arange(8 * step, 8 * step + 8) % len(x)  # (8 rows a step: 4 per rank; 64 rows = 8 steps)
+        opt.zero_grad()
+        halves = [ref(input_ids=x[r], labels=x[r]).loss for r in (rows[:4], rows[4:])]
+        (0.5 * (halves[0] + halves[1])).backward()
+        opt.step()
+        sched.step()
+    got = torch.load(str(out) + ".weights.pt")
+    for n, p in ref.named_parameters():
+        change = (p.detach() - start[n]).double()
+        err = float((got[n].double() - p.detach().double()).norm() / change.norm().clamp_min(1e-30))
+        assert err <= (1e-5 if kinds[n] == "sinkgd" else 1e-4), (n, err)

@@ -37,6 +37,9 @@ class CPUFSDPTrainer(Trainer):
             state.distributed_type = DistributedType.FSDP
             self.is_fsdp_enabled = True
 
+    def _get_train_sampler(self, *args, **kwargs):  # (in order, so a plain loop can replay the same batches)
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -45,7 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     targs = TrainingArguments(output_dir=os.path.join(os.path.dirname(args.out), "hf_out"),
                               per_device_train_batch_size=4, max_steps=args.steps, learning_rate=0.02,
-                              weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                              weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[],
+                              use_cpu=True,
                               dataloader_num_workers=0, disable_tqdm=True, seed=0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=32)
@@ -61,10 +65,12 @@ def main() -> None:
     kinds = inner.param_kinds()
     placements = sorted({str(p.placements) for p in model.parameters() if hasattr(p, "placements")})
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"world": torch.distributed.get_world_size(), "inner": type(inner).__name__, "kinds": kinds,
                        "placements": placements, "losses": losses, "skipped": inner.skipped_steps}, f)
+        torch.save(weights, args.out + ".weights.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
