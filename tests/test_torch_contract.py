@@ -288,6 +288,14 @@ def _dtensor_params(rank, world):
         out["error"] = None
     except ValueError as e:
         out["error"] = str(e)
+    from sinkgd_ds import SWAN
+
+    cols = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))
+    try:
+        SWAN([("layer.weight", cols)])
+        out["swan_error"] = None
+    except ValueError as e:
+        out["swan_error"] = str(e)
     return out
 
 
@@ -300,3 +308,4 @@ def test_dtensor_parameters_never_reach_native_code():
     (r,) = spawn(_dtensor_params, 1)
     assert r["kernels_take_it"] is False and r["kernels_take_plain"] is True
     assert r["error"] and "'layer.weight'" in r["error"] and "Partial" in r["error"], r["error"]
+    assert r["swan_error"] and "tensor parallelism" in r["swan_error"] and "Shard(dim=1)" in r["swan_error"]

@@ -97,6 +97,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     #: whether the class can keep a step's non-finite verdict on the device (SWAN's whitening reads its own)
     DEVICE_VERDICT = True
+    #: whether the class handles matrices whose rows or columns are cut by tensor parallelism
+    TENSOR_PARALLEL = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None,
                  nonfinite: str = "step", config: dict[str, Any] | None = None, implementation: str = "auto"):
@@ -460,9 +462,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
                              "is a DTensor (use nonfinite='step', which skips the whole step on every rank alike)")
         if kind != ADAMW:
             try:
-                dtensor_spec(self._label(p), p)  # (raises with the parameter and the placement)
+                spec = dtensor_spec(self._label(p), p)  # (raises with the parameter and the placement)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+            if not self.TENSOR_PARALLEL and (spec.row_group is not None or spec.col_group is not None):
+                raise ValueError(f"{where}: parameter {self._label(p)!r} has placements {p.placements}: its columns "
+                                 f"are cut over a mesh dimension (tensor parallelism), which {self._where} does not "
+                                 "support (it needs whole rows and columns); shard it only along dim 0 (FSDP, HSDP)")
         self._has_dtensors = True
 
     def _dtensor_spec(self, p: torch.Tensor) -> MatrixSpec:

@@ -74,6 +74,7 @@ class SWAN(MatrixOptimizer):
     GROUP_KEYS = (*MatrixOptimizer.GROUP_KEYS, "ns_steps")
     MATRIX_KINDS = (SWAN_KIND,)
     DEVICE_VERDICT = False  # (the whitening reads its own norms on the host: SWAN keeps the host verdict)
+    TENSOR_PARALLEL = False  # (the whitening needs whole rows and columns)
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, ns_steps: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
