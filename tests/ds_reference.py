@@ -20,7 +20,7 @@ def _matrix_update(opt: str, g: torch.Tensor, name: str, hp: dict, mom: dict) ->
 
 def reference_run(opt: str, hp: dict, data: list[torch.Tensor], lrs: list[float], clip: float = 0.0,
                   gas: int = 1, bf16: bool = False, zero_grad_init_step: bool = False,
-                  shards: int = 1) -> dict[str, torch.Tensor]:
+                  shards: int = 1, round_masters: bool = True) -> dict[str, torch.Tensor]:
     """Train make_model() on the full batches; returns final fp32 master weights (float64).
 
     ``bf16``: mixed precision as DeepSpeed does it: fp32 master weights start from the bf16-rounded
@@ -36,9 +36,10 @@ def reference_run(opt: str, hp: dict, data: list[torch.Tensor], lrs: list[float]
     """
     model = make_model()
     if bf16:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.bfloat16().float())
+        if round_masters:  # (DeepSpeed starts its fp32 masters from the bf16 model; FSDP2 keeps the fp32 ones)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.bfloat16().float())
         low = make_model().bfloat16()
     params = dict(model.named_parameters())
     scale = hp.get("lr_scale", 0.05)
