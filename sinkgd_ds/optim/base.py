@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.optim.adamw import adamw as _functional_adamw
 
 from .. import backends
 from .. import hparams as hp
 from ..integrations.dtensor import dtensor_spec, is_dtensor, local_tensor
 from ..layout import MatrixSpec, dense_spec
 from ..sinkhorn import CommStats, Direction, MatrixBatch, all_reduce_sum
+from .adamw_fallback import adamw_step
 from .step_hooks import hooked_step
+from .verdict import SkipVerdict
 
 log = logging.getLogger("sinkgd_ds")
 
@@ -78,7 +79,7 @@ def tag_parameter_names(named_params: Iterable[tuple[str, torch.Tensor]]) -> Non
             setattr(p, NAME_ATTR, name)
 
 
-class MatrixOptimizer(torch.optim.Optimizer):
+class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
     """Base class. ``params``: tensors, ``(name, tensor)`` pairs, or param-group dicts of either."""
 
     #: per-group keys every subclass accepts (their defaults come from the constructor)
@@ -526,115 +527,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _adamw_apply(self, group: dict[str, Any], params: list[torch.Tensor],
                      found_inf: torch.Tensor | None = None) -> None:
-        """torch's own AdamW (decoupled decay), fused where torch has the fused kernel (CPU and CUDA): one launch
-        per device and dtype. ``found_inf`` (a 0-dim tensor, nonzero = skip) is the step's verdict kept on the
-        device: the kernel then writes nothing and the step counters stay. A complex parameter is stepped as its
-        real and imaginary parts (``view_as_real``), as torch's AdamW does, so |g|^2 enters the second moment."""
-        if not params:
-            return
-        b1, b2 = group["betas"]
-        real = _as_real
-        grads, m, v, steps, ps = [], [], [], [], []
-        for p in params:
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif st["step"].device != p.device:  # (a checkpoint saved by a version that kept it on the CPU)
-                st["step"] = st["step"].to(p.device)
-            grads.append(real(p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)))
-            m.append(real(st["exp_avg"]))
-            v.append(real(st["exp_avg_sq"]))
-            ps.append(real(p))
-            steps.append(st["step"])
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in ps)
-        if found_inf is not None and not fused:  # (torch's foreach AdamW has no found_inf: read it here)
-            if bool(found_inf.item() > 0):
-                return
-            found_inf = None
-        _functional_adamw(ps, grads, m, v, [], steps, foreach=None if fused else True, fused=fused or None,
-                                found_inf=None if found_inf is None else found_inf.reshape(()).float(),
-                                amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
-                                eps=group["eps"], maximize=False)
+        adamw_step(self.state, group, params, found_inf)
 
     # ------------------------------------------------------------------ the step
-    def _nonfinite_flag(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """A 0-dim fp32 tensor on the tensors' device, nonzero when any of them holds inf or NaN (no host read);
-        None when there is nothing to check."""
-        if not tensors:
-            return None
-        norms = torch._foreach_norm([_local(t) for t in tensors], float("inf"))  # (max |x|: inf or NaN exactly
-        # when non-finite; on local blocks: a DTensor's norm would be a collective)
-        return (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
-
-    @staticmethod
-    def _finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
-        """Whether each tensor is all finite (one host sync for all of them)."""
-        return torch.stack([torch.isfinite(_local(t)).all() for t in tensors]).tolist() if tensors else []
-
-    def _local_nonfinite(self, tensors: Iterable[torch.Tensor]) -> bool:
-        return not all(self._finite_flags([t for t in tensors if t is not None]))
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (on a GPU counted on the device, read here)."""
-        self._resolve_verdicts()
-        return self._skipped_steps
-
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._resolve_verdicts()
-        self._skipped_steps = int(value)
-
-    @property
-    def last_step_skipped(self) -> bool:
-        """Whether the last step was skipped (on a GPU the verdict stays on the device until read here)."""
-        self._resolve_verdicts()
-        return self._last_step_skipped
-
-    @last_step_skipped.setter
-    def last_step_skipped(self, value: bool) -> None:
-        self._resolve_verdicts()
-        self._last_step_skipped = bool(value)
-
-    def _resolve_verdicts(self) -> None:
-        """The device verdicts of the steps since the last read, into the counters (one host read)."""
-        pending = self.__dict__.get("_pending_skips")
-        if pending is None:
-            return
-        self._pending_skips = None
-        count, last = torch.stack([pending[0].float().cpu(), pending[1].float().cpu()]).tolist()
-        self._skipped_steps += int(count)
-        self._last_step_skipped = last > 0
-        if count:
-            log.warning("%s: non-finite gradients, %d step(s) skipped (no weight or state changed; %d skipped so far)",
-                        self._where, int(count), self._skipped_steps)
-
-    @property
-    def overflow(self) -> bool:
-        """Whether the last step was skipped, under the name DeepSpeed's engine reads after every step: a skip
-        then counts in ``engine.skipped_steps`` and does not advance its LR scheduler, as with DeepSpeed's own
-        wrappers (where our optimizer is the engine's own optimizer: stage 0 fp32)."""
-        return self.last_step_skipped
-
-    def _consensus(self) -> object | None:
-        """The ranks that must agree on skipping a step: the integration's group, or, with DTensor parameters,
-        every rank (their matrices and AdamW shards span the mesh)."""
-        if self._consensus_group is not None or not self._has_dtensors or not dist.is_initialized():
-            return self._consensus_group
-        return dist.group.WORLD
-
-    def _agree(self, bad: bool) -> bool:
-        if self._consensus() is None or not dist.is_initialized():
-            return bad
-        # One buffer for the optimizer's life: a tensor that a gloo work item still holds when Python drops it
-        # is freed on gloo's thread, which aborts the process if that happens while the interpreter exits.
-        flag = self._verdict
-        flag.fill_(1.0 if bad else 0.0)
-        all_reduce_sum(flag, self._consensus())
-        return bool(flag.item() > 0)
-
     @hooked_step
     def step(self, closure=None):
         loss = None
@@ -782,15 +677,6 @@ def _check_naming(params: list, owner: str) -> None:
     if len(kinds) > 1:
         raise ValueError(f"{owner}: named ((name, tensor) pairs) and unnamed parameters are mixed in one optimizer; "
                          "pass model.named_parameters() everywhere, or bare tensors everywhere")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local block (checks on it need no collective); any other tensor as it is."""
-    return local_tensor(t) if is_dtensor(t) else t
-
-
-def _as_real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def matrix_step_size(group: dict[str, Any]) -> float:
