@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def _ip(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def two_nodes():
     """Namespaces A and B, veth ends both named sgd0, addresses 10.231.N.1 and .2 (N from the pid)."""
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command (iproute2) to create network namespaces with")
     tag = f"sgd{os.getpid() % 100000}"
     names, net = (f"{tag}a", f"{tag}b"), f"10.231.{os.getpid() % 200 + 20}"
     made = []
