@@ -121,7 +121,7 @@ class FSDPEngine:
         return self.layout_label
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any], save_latest: bool = True) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -131,7 +131,8 @@ class FSDPEngine:
         if dist.get_rank() == 0:
             torch.save({"scheduler": self.scheduler.state_dict() if self.scheduler else None,
                         "micro_steps": self.micro_steps, "client_state": client_state}, path / "engine.pt")
-            (Path(directory) / "latest").write_text(tag)  # (after every rank's files: dcp.save ends collectively)
+            if save_latest:  # (after every rank's files: dcp.save ends collectively)
+                (Path(directory) / "latest").write_text(tag)
         dist.barrier()
 
     def load_checkpoint(self, directory: str) -> tuple[str | None, dict[str, Any] | None]:

@@ -61,21 +61,47 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def save(engine: Any, out_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank writes its ZeRO partition; rank 0 then prunes all but the ``keep`` newest tags."""
+    """Collective: every rank writes its partition. A checkpoint is complete or invisible: the ranks write into
+    ``step<N>.partial``; once all are done rank 0 renames it to ``step<N>``, then points ``latest`` at it
+    (a temporary file renamed over it), and only then prunes all but the ``keep`` newest tags, so an older
+    checkpoint is never deleted before the new one is complete."""
     ckpt = checkpoint_dir(out_dir)
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client_state)
+    partial = ckpt / f"{tag}.partial"
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # (left by a save that was killed)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt), tag=partial.name, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
+        final = ckpt / tag
+        if final.exists():  # (the same step saved again, e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        write_atomically(ckpt / "latest", tag)
         prune(ckpt, keep)
     dist.barrier()
     return ckpt / tag
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds either its old content or ``text``, never a part of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def prune(ckpt: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest ``step<N>`` tags (``keep`` 0: keep all). Rank 0 only."""
+    """Delete all but the ``keep`` newest complete ``step<N>`` tags (``keep`` 0: keep all), and the unfinished
+    ``step<N>.partial`` directories of killed saves. Rank 0 only."""
+    for stale in ckpt.glob("step*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
-        tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+        tags = sorted((p for p in ckpt.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
+                      key=lambda p: int(p.name[4:]))
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
