@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from . import backends
 from .backends.reference import check_schedule as _check_schedule
-from .backends.reference import guarded_scale
 from .layout import MatrixSpec
 
 __all__ = ["Scales", "MatrixBatch", "normalize_scales", "apply_scaled_update_", "apply_scaled_updates_",
@@ -34,7 +33,6 @@ __all__ = ["Scales", "MatrixBatch", "normalize_scales", "apply_scaled_update_", 
 
 Half = Literal["row", "col"]
 Direction = Callable[[torch.Tensor], torch.Tensor]
-_guarded_scale = guarded_scale  # (the name older callers import)
 
 
 class Scales:
@@ -199,8 +197,8 @@ class MatrixBatch:
         self.sums: PartialSums | None = None
         self._key: list | None = None
         self._checked = False  # normalize() validated the descriptors for the apply_() of the same step
-        self._rest: list[int] = []
         self._all = list(range(len(self.specs)))
+        self._col_targets: dict[int, torch.Tensor] = {}
 
     def _addresses(self, backend) -> list:
         """Everything the descriptors depend on besides the specs (which are immutable). Runs every step with
@@ -229,12 +227,11 @@ class MatrixBatch:
 
     def col_targets(self, i: int) -> torch.Tensor:
         """sqrt(global rows of each block) of matrix ``i``, on the scales' device (built once)."""
-        cache = self.__dict__.setdefault("_col_targets", {})
-        t = cache.get(i)
+        t = self._col_targets.get(i)
         if t is None:
-            spec = self.specs[i]
-            t = cache[i] = torch.tensor([math.sqrt(r) for r in spec.blocks.global_rows], dtype=torch.float32,
-                                        device=self.scales[i].r.device)
+            rows = self.specs[i].blocks.global_rows
+            t = self._col_targets[i] = torch.tensor([math.sqrt(r) for r in rows], dtype=torch.float32,
+                                                    device=self.scales[i].r.device)
         return t
 
     def normalize(self, schedule: Sequence[Half], stats: CommStats | None = None) -> list[Scales]:
@@ -249,7 +246,11 @@ class MatrixBatch:
         self._checked = True
         be = self.backend
         done = be.normalize_local(self, sched)
-        rest = self._all if not done else [i for i in self._all if i not in set(done)]
+        if done:
+            done = set(done)
+            rest = [i for i in self._all if i not in done]
+        else:
+            rest = self._all
         if rest:
             be.begin(self, rest)
             previous = None

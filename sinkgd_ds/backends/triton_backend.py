@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import TorchBackend
+from . import _TORCH
 
 __all__ = ["TritonBackend"]
 
@@ -67,14 +67,13 @@ class TritonBackend:
         from . import triton_kernels
 
         self.k = triton_kernels
-        self._torch = TorchBackend()
 
     # ------------------------------------------------------------------ descriptors
     def prepare(self, batch) -> None:
         tables = self._tables(batch)
         if tables is None:  # something the kernels cannot take: this batch runs on the reference
-            batch.backend = self._torch
-            self._torch.prepare(batch)
+            batch.backend = _TORCH
+            _TORCH.prepare(batch)
             return
         batch.prepared = tables
 

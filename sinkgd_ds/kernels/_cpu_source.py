@@ -46,7 +46,7 @@ struct BF16 {
     static inline void st(uint16_t* p, i64 j, float v) { p[j] = f2bf(v); }
 };
 
-// Same rule as sinkhorn._guarded_scale: zero sum -> 0, else target * rsqrt(sum) (NaN stays NaN, inf -> 0).
+// Same rule as backends/reference.py guarded_scale: zero sum -> 0, else target * rsqrt(sum) (NaN stays NaN, inf -> 0).
 static inline float guard(float s, float target) { return s == 0.0f ? 0.0f : target * (1.0f / std::sqrt(s)); }
 static inline int nonfinite(float s) { return !(std::fabs(s) <= FLT_MAX); }
 

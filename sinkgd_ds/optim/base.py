@@ -599,8 +599,9 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
         device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device if flags else "cpu")
         verdict = torch.stack([f.to(device) for f in flags]).amax().reshape(1) if flags else \
             torch.zeros(1, device=device)
-        if self._consensus() is not None and dist.is_initialized():
-            all_reduce_sum(verdict, self._consensus())
+        group = self._consensus()
+        if group is not None and dist.is_initialized():
+            all_reduce_sum(verdict, group)
         verdict = verdict.reshape(())
         for group, plan in zip(groups, plans):
             self._apply(group, plan, gate=verdict)

@@ -75,7 +75,7 @@ class SkipVerdict:
         if pending is None:
             return
         self._pending_skips = None
-        count, last = torch.stack([pending[0].float().cpu(), pending[1].float().cpu()]).tolist()
+        count, last = torch.stack(pending).tolist()  # (both fp32 on one device: one read)
         self._skipped_steps += int(count)
         self._last_step_skipped = last > 0
         if count:
@@ -97,12 +97,13 @@ class SkipVerdict:
         return dist.group.WORLD
 
     def _agree(self, bad: bool) -> bool:
-        if self._consensus() is None or not dist.is_initialized():
+        group = self._consensus()
+        if group is None or not dist.is_initialized():
             return bad
         # One buffer for the optimizer's life: a tensor that a gloo work item still holds when Python drops it
         # is freed on gloo's thread, which aborts the process if that happens while the interpreter exits.
         flag = self._verdict
         flag.fill_(1.0 if bad else 0.0)
-        all_reduce_sum(flag, self._consensus())
+        all_reduce_sum(flag, group)
         return bool(flag.item() > 0)
 
