@@ -104,9 +104,9 @@ class FSDPEngine:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         squares = [g.float().square().sum() for g in grads]
         total = torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in squares]).sum().sqrt()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # (one host read per step)
         for g in grads:
-            g.mul_(coef.to(g.dtype) if not hasattr(g, "placements") else coef.item())
+            g.mul_(coef)
 
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.basic_optimizer.param_groups]
