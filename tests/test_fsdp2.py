@@ -9,16 +9,33 @@ mixed precision, and a NaN step (one verdict on every rank). All configurations 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from .distributed import spawn
+from .distributed import free_port, spawn
 from .ds_model import MATRICES, SEQ, VOCAB, make_model
 from .ds_reference import reference_run
 from .fsdp2_worker import run
 
 STEPS = 3
 TOL = 1e-5  # fp32: relative, on the weight change
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(nproc: int, *args: str) -> str:
+    """``torchrun --nproc_per_node nproc args`` from the repository root; its stdout (it must succeed)."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
 
 
 def data(rows: int, steps: int = STEPS, seed: int = 1) -> list[torch.Tensor]:
@@ -200,21 +217,9 @@ def test_gradient_accumulation(runs):
 def test_accelerate_fsdp2_plugin(tmp_path):
     """Accelerate's FSDP2 plugin: model and our optimizer in one prepare() (Accelerate swaps the optimizer's
     parameters for their DTensors); exact against the reference, embeddings / head / norms still on AdamW."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from .distributed import free_port
-
-    root = Path(__file__).resolve().parent.parent
     torch.save(data(12), tmp_path / "data.pt")
     out = tmp_path / "result.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "tests/jobs/accelerate_fsdp2_job.py", "--data", str(tmp_path / "data.pt"),
-                           "--out", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    torchrun(2, "tests/jobs/accelerate_fsdp2_job.py", "--data", str(tmp_path / "data.pt"), "--out", str(out))
     r = torch.load(out, weights_only=False)
     assert (r["world"], r["inner"]) == (2, "SinkGD") and r["placements"]["up.weight"] == "(Shard(dim=0),)"
     assert r["kinds"]["embed_tokens.weight"] == "adamw" and r["kinds"]["up.weight"] == "sinkgd", r["kinds"]
@@ -228,27 +233,13 @@ def test_main_job_on_fsdp2_trains_and_resumes_exactly(tmp_path, tp):
     ranks of FSDP, or 4 = FSDP 2 x TP 2): the loss falls; stopped after step 5 (--stop_at_step: checkpoint +
     exit) and resumed with --resume, its losses equal the uninterrupted run's bit for bit; the summary, plot and
     DCP checkpoints are there."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from .distributed import free_port
-
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     steps = 8
     args = ["launch/pretrain_fsdp.py", "--model", "tiny", "--steps", str(steps), "--tp", str(tp), "--set",
             "eval.every=4", "--set", "eval.sequences=4", "--set", "checkpoint.every=0", "--set", "train.log_every=1",
             "--no_progress"]
 
     def launch(extra):
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(2 * tp), "--master_port",
-               str(free_port()), *args, *extra]
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc.stdout
+        return torchrun(2 * tp, *args, *extra)
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     text = launch(["--out", str(full_dir)])
@@ -272,22 +263,9 @@ def test_hf_trainer_fsdp2(tmp_path):
     """HF Trainer, FSDP2, our optimizer through ``optimizer_cls_and_kwargs`` (names tagged with
     ``tag_parameter_names``: the Trainer hands the optimizer bare tensors, which Accelerate then swaps for
     DTensors): a tiny LLaMA trains on 2 ranks with embeddings, head and norms on AdamW and every projection
-    on SinkGD. (Its data loader and schedule are the Trainer's: checked for routing and a falling loss.)"""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from .distributed import free_port
-
-    root = Path(__file__).resolve().parent.parent
+    on SinkGD, and the run equals the same run driven by a plain single-process loop."""
     out = tmp_path / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "tests/jobs/hf_trainer_fsdp2_job.py", "--out", str(out)], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    torchrun(2, "tests/jobs/hf_trainer_fsdp2_job.py", "--out", str(out))
     r = json.loads(out.read_text())
     assert (r["world"], r["inner"], r["placements"]) == (2, "SinkGD", ["(Shard(dim=0),)"])
     kinds = r["kinds"]

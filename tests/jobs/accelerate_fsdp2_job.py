@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sinkgd_ds import SinkGD  # noqa: E402
 from tests.ds_model import make_model  # noqa: E402
+from tests.jobs.teardown import leave  # noqa: E402
 
 
 def main() -> None:
@@ -56,11 +57,7 @@ def main() -> None:
     if rank == 0:
         torch.save(dict(world=world, weights=weights, placements=placements, kinds=inner.param_kinds(),
                         inner=type(inner).__name__), args.out)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # (see tests/jobs/accelerate_job.py: no interpreter finalization with gloo threads alive)
+    leave()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import sinkgd_ds  # noqa: E402,F401  - registers "SinkGD" with DeepSpeed
 from tests.ds_model import BATCH, batches, make_model  # noqa: E402
+from tests.jobs.teardown import leave  # noqa: E402
 
 
 def main() -> None:
@@ -52,16 +53,7 @@ def main() -> None:
         torch.save(dict(world=world, weights=weights, losses=losses, engine=type(engine).__name__,
                         inner=type(engine.basic_optimizer).__name__,
                         lrs=[engine.get_lr()[0]] * args.steps), args.out)
-    # leave together and take the process group down before the interpreter exits (an implicit teardown
-    # at exit can abort a rank with "terminate called without an active exception")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # then leave without interpreter finalization: a gloo worker thread that releases a Python-owned tensor
-    # while the interpreter finalizes aborts the rank ("terminate called without an active exception"), still
-    # about 1 run in 10-30 after the teardown above (seen in sessions 4 and 6); all work is done here
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from sinkgd_ds import SinkGD, tag_parameter_names  # noqa: E402
 from tests.jobs.hf_trainer_job import Walk  # noqa: E402
+from tests.jobs.teardown import leave  # noqa: E402
 
 
 class CPUFSDPTrainer(Trainer):
@@ -71,11 +72,7 @@ def main() -> None:
             json.dump({"world": torch.distributed.get_world_size(), "inner": type(inner).__name__, "kinds": kinds,
                        "placements": placements, "losses": losses, "skipped": inner.skipped_steps}, f)
         torch.save(weights, args.out + ".weights.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # (see tests/jobs/accelerate_job.py)
+    leave()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 import sinkgd_ds  # noqa: F401  - the only change a user makes: registers "SinkGD" with DeepSpeed
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.jobs.teardown import leave  # noqa: E402
+
 
 class Walk(torch.utils.data.Dataset):
     """Sequences of a fixed random permutation walk: learnable next-token structure."""
@@ -69,16 +72,7 @@ def main() -> None:
                       matrices=sorted(set().union(*everyone)))
         with open(args.out, "w") as f:
             json.dump(report, f)
-    # leave together and take the process group down before the interpreter exits (an implicit teardown
-    # at exit can abort a rank with "terminate called without an active exception")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # then leave without interpreter finalization: a gloo worker thread that releases a Python-owned tensor
-    # while the interpreter finalizes aborts the rank ("terminate called without an active exception"), still
-    # about 1 run in 10-30 after the teardown above (seen in sessions 4 and 6); all work is done here
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from tests.jobs.teardown import leave  # noqa: E402
+
 
 def env_from_mpi() -> tuple[int, int]:
     from mpi4py import MPI
@@ -41,20 +43,9 @@ def main() -> None:
     results = run_configs(rank, world, configs)
     if rank == 0:
         torch.save(dict(world=world, results=results), sys.argv[1])
-    # leave together and take the process group down before the interpreter exits (an implicit teardown
-    # at exit can abort a rank with "terminate called without an active exception")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # Then leave without interpreter finalization: in about 3 of 10 runs (measured before and after the
-    # session-6 changes alike) a rank still aborted at exit, in a gloo worker thread that released a
-    # Python-owned tensor while the interpreter was finalizing (ProcessGroupGloo::runLoop ->
-    # decref_pyobject -> PyEval_AcquireThread -> pthread_exit). All work and the report are done here.
     from mpi4py import MPI
 
-    MPI.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave(before_exit=MPI.Finalize)  # (in about 3 of 10 runs a rank aborted at exit without it)
 
 
 if __name__ == "__main__":
