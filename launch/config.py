@@ -259,6 +259,10 @@ def add_run_control_args(ap: argparse.ArgumentParser) -> None:
     """The options every main-job entry shares: resuming, restarting, stopping early, output."""
     ap.add_argument("--overwrite", action="store_true", help="delete --out first (a fresh run in the same place)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--resume_fallback", action="store_true",
+                    help="with --resume: if the latest checkpoint is incomplete, damaged or cannot be loaded by this "
+                    "run, resume from the newest older kept one that checks out (the rejected ones are renamed "
+                    "<tag>.rejected)")
     ap.add_argument("--stop_at_step", type=int, default=None,
                     help="behave as if SIGTERM arrived after this step (checkpoint + exit); for tests")
     ap.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
@@ -271,9 +275,12 @@ def check_stop_at_step(stop_at_step: int | None, steps: int) -> None:
 
 
 def run_entry(prepare: Callable[[], dict[str, Any]], train: Callable[[dict[str, Any]], int]) -> int:
-    """Every check first: bad input (a ConfigError or DataError) prints ``error: ...`` and exits 2
-    before any process group starts; otherwise train on the prepared plan."""
+    """Every check first: bad input (a ConfigError or DataError, a checkpoint that cannot be resumed) prints
+    ``error: ...`` and exits 2 before any process group starts; otherwise train on the prepared plan. A checkpoint
+    the engine then fails to load (exit 2, before the first step) or a save that cannot finish (exit 1) ends the
+    rank the same way, with the message instead of a traceback."""
     from launch.corpus import DataError
+    from launch.runstate import CheckpointSaveError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -281,4 +288,18 @@ def run_entry(prepare: Callable[[], dict[str, Any]], train: Callable[[dict[str, 
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    return train(plan)
+    try:
+        return train(plan)
+    except (ConfigError, CheckpointSaveError) as e:
+        if getattr(e, "announce", True):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        _leave_process_group()
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+def _leave_process_group() -> None:
+    """After an error every rank raised alike: tear the process group down instead of leaving gloo threads."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -135,14 +135,14 @@ class FSDPEngine:
                 (Path(directory) / "latest").write_text(tag)
         dist.barrier()
 
-    def load_checkpoint(self, directory: str) -> tuple[str | None, dict[str, Any] | None]:
+    def load_checkpoint(self, directory: str, tag: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         latest = Path(directory) / "latest"
-        if not latest.is_file():
+        if tag is None and not latest.is_file():
             return None, None
-        path = Path(directory) / latest.read_text().strip()
+        path = Path(directory) / (tag or latest.read_text().strip())
         msd, osd = get_state_dict(self.module, self.basic_optimizer)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path))

@@ -59,9 +59,10 @@ def map_mpi_env() -> None:
         os.environ.setdefault("MASTER_PORT", "29533")
 
 
-def prepare(args: argparse.Namespace, tensor_parallel: int = 1) -> dict[str, Any]:
+def prepare(args: argparse.Namespace, tensor_parallel: int = 1, engine: str = "deepspeed") -> dict[str, Any]:
     """Everything that can fail on bad input, before any process group starts (``tensor_parallel``: ranks per
-    tensor-parallel group; the batch is split over the other, data-parallel, dimension)."""
+    tensor-parallel group; the batch is split over the other, data-parallel, dimension; ``engine``: "deepspeed" or
+    "fsdp", which decides what a resumed checkpoint must share with this run)."""
     from launch import runstate
     from launch.data import check_lengths, load_tokens
 
@@ -84,8 +85,25 @@ def prepare(args: argparse.Namespace, tensor_parallel: int = 1) -> dict[str, Any
     d = run["data"]
     data = load_tokens(d["source"], d["vocab_size"], d["val_fraction"], d["tokenizer"], d["text_column"])
     check_lengths(data, run["train"]["seq_len"], run["eval"]["sequences"] if run["eval"]["every"] else 0)
-    return {"run": run, "ds": ds, "data": data, "out": out, "world": world, "model_name": model_name,
-            "ds_name": ds_path.name}
+    identity = checkpoint_identity(engine, run, ds, data, world, tensor_parallel)
+    plan = {"run": run, "ds": ds, "data": data, "out": out, "world": world, "model_name": model_name,
+            "ds_name": ds_path.name, "identity": identity, "resume_from": None, "rejected": {}}
+    if args.resume:
+        # ZeRO partitions (stage >= 1) load only at the data-parallel size that wrote them; DCP (FSDP2) reshards
+        must = ["engine", "model", "vocab_size", "data_sha256", "optimizer", "bf16"] + \
+            (["zero_stage"] + (["data_parallel"] if identity["zero_stage"] else []) if engine == "deepspeed" else [])
+        plan["resume_from"], plan["rejected"] = runstate.select_resume(
+            out, {k: identity[k] for k in must}, args.resume_fallback)
+    return plan
+
+
+def checkpoint_identity(engine: str, run: dict[str, Any], ds: dict[str, Any], data: Any, data_parallel: int,
+                        tensor_parallel: int) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it (launch/manifest.py)."""
+    return {"engine": engine, "model": run["model"], "vocab_size": data.vocab_size, "data_sha256": data.sha256,
+            "optimizer": str(ds["optimizer"]["type"]).lower(), "bf16": bool(ds.get("bf16", {}).get("enabled")),
+            "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)) if engine == "deepspeed" else None,
+            "data_parallel": data_parallel, "tensor_parallel": tensor_parallel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(rc)
 
     def checked():
-        plan = prepare(args, args.tp)
+        plan = prepare(args, args.tp, engine="fsdp")
         m = plan["run"]["model"]
         for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             value = m.get(key) or m["num_attention_heads"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,7 +103,15 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-megatron-{args.optimizer}-tp{tp}"
     runstate.prepare_out_dir(out, args.resume, args.overwrite)
-    return {"run": run, "data": data, "out": out, "world": world, "dp": dp, "model_name": model_name}
+    # A resume must match all of it: TP / DP / distributed-optimizer resharding of these checkpoints is not tested
+    identity = {"engine": "megatron", "model": m, "vocab_size": data.vocab_size, "data_sha256": data.sha256,
+                "optimizer": args.optimizer, "bf16": args.bf16, "tensor_parallel": tp, "data_parallel": dp,
+                "distributed_optimizer": args.use_distributed_optimizer}
+    plan = {"run": run, "data": data, "out": out, "world": world, "dp": dp, "model_name": model_name,
+            "identity": identity, "resume_from": None, "rejected": {}}
+    if args.resume:
+        plan["resume_from"], plan["rejected"] = runstate.select_resume(out, identity, args.resume_fallback)
+    return plan
 
 
 def build_model(run: dict[str, Any], vocab_size: int, tp: int, bf16: bool):
@@ -181,9 +188,10 @@ def _sharded_state_dict(model, opt, dist_opt: bool, is_loading: bool) -> tuple[d
     return sd, {k: v for k, v in md.items() if k != "dp_cp_group"}
 
 
-def save_checkpoint(model, opt, sched, state: dict[str, Any], out: Path, dist_opt: bool, keep: int) -> Path:
+def save_checkpoint(model, opt, sched, state: dict[str, Any], out: Path, dist_opt: bool, keep: int,
+                    identity: dict[str, Any], device) -> Path:
     """Collective: <out>/checkpoints/step<N> (distributed checkpoint + train_state.json: step, losses, val,
-    scheduler), then rank 0 points ``latest`` at it and prunes all but the ``keep`` newest."""
+    scheduler), complete or invisible through launch/runstate.save_with (manifest, rename, ``latest``, prune)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -192,44 +200,38 @@ def save_checkpoint(model, opt, sched, state: dict[str, Any], out: Path, dist_op
 
     from launch import runstate
 
-    ckpt = runstate.checkpoint_dir(out)
-    path = ckpt / f"step{state['step']}"
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-    dist.barrier()
-    sd, content = _sharded_state_dict(model, opt, dist_opt, is_loading=False)
-    strategy = FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1),
-                                                ps.get_data_parallel_group(with_context_parallel=True))
-    dist_checkpointing.save(sd, str(path), strategy, content_metadata=content)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (path / "train_state.json").write_text(json.dumps({**state, "scheduler": sched.state_dict()}))
-        (ckpt / "latest").write_text(path.name)
-        runstate.prune(ckpt, keep)
-    dist.barrier()
-    return path
+    def write(path: Path) -> None:
+        sd, content = _sharded_state_dict(model, opt, dist_opt, is_loading=False)
+        strategy = FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1),
+                                                    ps.get_data_parallel_group(with_context_parallel=True))
+        dist_checkpointing.save(sd, str(path), strategy, content_metadata=content)
+        if dist.get_rank() == 0:
+            (path / "train_state.json").write_text(json.dumps({**state, "scheduler": sched.state_dict()}))
+
+    return runstate.save_with(write, out, state["step"], keep, identity, device)
 
 
-def load_checkpoint(model, ddp, opt, sched, out: Path, dist_opt: bool) -> dict[str, Any]:
-    """The checkpoint ``latest`` names: model, optimizer, scheduler; returns the train state (step, losses, ...)."""
+def load_checkpoint(model, ddp, opt, sched, path: Path, dist_opt: bool) -> dict[str, Any]:
+    """Checkpoint ``path`` (chosen and checked before the process group started): model, optimizer, scheduler;
+    returns the train state (step, losses, ...). Whatever fails names the checkpoint."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
-    from launch import runstate
+    from launch.manifest import CheckpointError
 
-    ckpt = runstate.checkpoint_dir(out)
-    path = ckpt / (ckpt / "latest").read_text().strip()
-    sd, _ = _sharded_state_dict(model, opt, dist_opt, is_loading=True)
-    strategy = FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(),
-                                                ps.get_data_parallel_group(with_context_parallel=True))
-    loaded = dist_checkpointing.load(sd, str(path), strategy)
-    ddp.load_state_dict(loaded["model"])
-    opt.load_state_dict(loaded["optimizer"])
-    state = json.loads((path / "train_state.json").read_text())
-    sched.load_state_dict(state.pop("scheduler"))
+    try:
+        sd, _ = _sharded_state_dict(model, opt, dist_opt, is_loading=True)
+        strategy = FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(),
+                                                    ps.get_data_parallel_group(with_context_parallel=True))
+        loaded = dist_checkpointing.load(sd, str(path), strategy)
+        ddp.load_state_dict(loaded["model"])
+        opt.load_state_dict(loaded["optimizer"])
+        state = json.loads((path / "train_state.json").read_text())
+        sched.load_state_dict(state.pop("scheduler"))
+    except Exception as e:  # noqa: BLE001 - whatever megatron-core raises, name the checkpoint, before any step
+        raise CheckpointError(f"--resume: megatron-core could not load {path}: {type(e).__name__}: {e}") from e
     state["val"] = [tuple(v) for v in state["val"]]
     return state
 
@@ -277,15 +279,13 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
         print(f"data: {data.describe}\nmodel: {plan['model_name']} ({params / 1e6:.2f}M params), {label}, {layout}, "
               f"{'bf16' if args.bf16 else 'fp32'}, batch {batch} x {seq} tokens (micro {micro} x accumulation {gas} x "
               f"{dp} DP ranks)\nrun dir: {out}", flush=True)
-    state: dict[str, Any] = {"step": 0, "losses": [], "val": [], "data_sha256": data.sha256}
+    state: dict[str, Any] = {"step": 0, "losses": [], "val": [], "skipped": [], "data_sha256": data.sha256}
     resumed_from, last_ckpt = None, None
     save_every = run["checkpoint"]["every"] if args.save_every is None else args.save_every
-    if args.resume:
-        loaded = load_checkpoint(model, ddp, opt, sched, out, args.use_distributed_optimizer)
-        if loaded.get("data_sha256") != data.sha256:
-            raise RuntimeError(f"--resume: the data differs from the checkpoint's ({loaded.get('data_sha256')} vs "
-                               f"{data.sha256}); use the same --data / tokenizer")
-        state.update(loaded)
+    if plan["resume_from"] is not None:
+        if plan["rejected"]:
+            runstate.set_aside(out, plan["resume_from"], plan["rejected"])
+        state.update(load_checkpoint(model, ddp, opt, sched, plan["resume_from"], args.use_distributed_optimizer))
         resumed_from = state["step"]
     runstate.install_signal_handlers()
     windows = val_windows(data, seq, ev["sequences"]) if ev["every"] else None
@@ -320,12 +320,11 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             vl = evaluate(ddp, windows[dp_rank::dp], micro, device)
             state["val"].append((state["step"], vl))
             report.announce_val(bar, rank, state["step"], vl)
-        if skipped > 0:
-            stopped_by = "optimizer step skipped (non-finite gradients)"
-            break
+        if skipped > 0:  # (non-finite gradients: no weight or state changed; the run goes on)
+            state["skipped"].append(state["step"])
         if stops > 0 or (save_every and state["step"] % save_every == 0) or state["step"] == t["steps"]:
             last_ckpt = save_checkpoint(model, opt, sched, state, out, args.use_distributed_optimizer,
-                                        run["checkpoint"]["keep"])
+                                        run["checkpoint"]["keep"], plan["identity"], device)
         if stops > 0:
             stopped_by = runstate.STOP["signal"] or "--stop_at_step"
             report.announce_stop(bar, rank, stopped_by, state["step"], last_ckpt)
@@ -346,7 +345,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             "val_ppl": report.perplexity(val) if val is not None else None, "peak_memory_bytes": peaks,
             "memory_kind": "GPU max allocated" if cuda else "CPU peak RSS", "plot": str(plot),
             "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "logs": None, "data_sha256": data.sha256,
+            "logs": None, "data_sha256": data.sha256, "skipped_steps": state["skipped"],
         }
         print(report.format_summary(summary), flush=True)
         report.write_json(out / "summary.json", summary)
@@ -355,7 +354,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
     dist.barrier()
     ps.destroy_model_parallel()
     dist.destroy_process_group()
-    return 1 if stopped_by and stopped_by.startswith("optimizer step skipped") else 0
+    return 0
 
 
 def evaluate(model, mine, micro: int, device) -> float:

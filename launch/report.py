@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -33,6 +34,21 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 elsewhere): to see memory grow over a long run."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def gather_objects(value: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def gather_peak_memory() -> list[int]:
@@ -76,6 +92,9 @@ def format_summary(s: dict[str, Any]) -> str:
         f"steps       {s['step']} / {s['steps']}" + (f" (resumed at {s['resumed_from']})" if s["resumed_from"] else "")
         + (f" (stopped by {s['stopped_by']})" if s["stopped_by"] else ""),
         f"tokens      {s['tokens']:,} this run ({s['tokens_total']:,} in total)",
+        *([f"skipped     {len(s['skipped_steps'])} optimizer steps (non-finite gradients): "
+           f"{', '.join(map(str, s['skipped_steps'][:20]))}{' ...' if len(s['skipped_steps']) > 20 else ''}"]
+          if s.get("skipped_steps") else []),
         f"time        {s['train_seconds']:.1f} s training, {s['tokens_per_s']:,.0f} tokens/s",
         f"train loss  {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}" if s["losses"] else "train loss  n/a",
         f"val loss    {val}",

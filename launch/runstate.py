@@ -7,16 +7,19 @@ the deepspeed launcher SIGTERMs its ranks and waits 30 s, torchrun does the same
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from launch import manifest
 from launch.config import ConfigError
 
 STOP = {"signal": None}
@@ -60,28 +63,94 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def save(engine: Any, out_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank writes its partition. A checkpoint is complete or invisible: the ranks write into
-    ``step<N>.partial``; once all are done rank 0 renames it to ``step<N>``, then points ``latest`` at it
-    (a temporary file renamed over it), and only then prunes all but the ``keep`` newest tags, so an older
-    checkpoint is never deleted before the new one is complete."""
+class CheckpointSaveError(RuntimeError):
+    """A save that could not finish (disk full, I/O error). The previous checkpoint is intact and ``latest`` still
+    names it; ``announce``: this rank prints the message (every rank raises the collective space check's, rank 0
+    prints it)."""
+
+    def __init__(self, message: str, announce: bool = True):
+        super().__init__(message)
+        self.announce = announce
+
+
+def save(engine: Any, out_dir: Path, step: int, client_state: dict[str, Any], keep: int,
+         identity: dict[str, Any] | None = None, device: Any = None) -> Path:
+    """A DeepSpeed (or DeepSpeed-like) engine's checkpoint through :func:`save_with`."""
+    def write(partial: Path) -> None:
+        engine.save_checkpoint(str(partial.parent), tag=partial.name, client_state=client_state, save_latest=False)
+
+    return save_with(write, out_dir, step, keep, identity or {}, device)
+
+
+def save_with(write: Callable[[Path], None], out_dir: Path, step: int, keep: int, identity: dict[str, Any],
+              device: Any = None) -> Path:
+    """Collective: a checkpoint is complete or invisible. The ranks check there is room for it (the size of the
+    newest kept one), then ``write`` their files into ``step<N>.partial``; once all are done rank 0 writes the
+    manifest (sizes, checksums, ``identity``: see launch/manifest.py), renames the directory to ``step<N>``, points
+    ``latest`` at it (a temporary file renamed over it), and only then prunes all but the ``keep`` newest tags, so
+    an older checkpoint is never deleted before the new one is complete."""
     ckpt = checkpoint_dir(out_dir)
     tag = f"step{step}"
     partial = ckpt / f"{tag}.partial"
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    previous = _check_room(ckpt, tag, device)
+    if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # (left by a save that was killed)
+        partial.mkdir()
     dist.barrier()
-    engine.save_checkpoint(str(ckpt), tag=partial.name, client_state=client_state, save_latest=False)
+    try:
+        write(partial)
+    except OSError as e:
+        raise CheckpointSaveError(f"[rank {rank}] saving checkpoint {tag} into {partial} failed: {e}. The run stops "
+                                  f"here; {_intact(previous)}") from e
     dist.barrier()
-    if dist.get_rank() == 0:
+    if rank == 0:
         final = ckpt / tag
-        if final.exists():  # (the same step saved again, e.g. a stop right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_atomically(ckpt / "latest", tag)
+        try:
+            manifest.write(partial, identity)
+            if final.exists():  # (the same step saved again, e.g. a stop right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(ckpt)
+            write_atomically(ckpt / "latest", tag)
+        except OSError as e:
+            raise CheckpointSaveError(f"[rank 0] completing checkpoint {tag} in {ckpt} failed: {e}. The run stops "
+                                      f"here; {_intact(previous)}") from e
         prune(ckpt, keep)
     dist.barrier()
     return ckpt / tag
+
+
+def _intact(previous: str | None) -> str:
+    return (f"checkpoint {previous} is intact and 'latest' names it: free space, then --resume" if previous else
+            "no earlier checkpoint exists")
+
+
+def _check_room(ckpt: Path, tag: str, device: Any) -> str | None:
+    """Every rank: is there room for a checkpoint as large as the newest kept one (plus 5 %)? One all-reduce, so all
+    ranks stop together, before any file is written, with the numbers in the message. Returns that newest tag."""
+    named = ckpt / "latest"
+    previous = named.read_text().strip() if named.is_file() else None
+    need = math.ceil(manifest.total_bytes(ckpt / previous) * 1.05) if previous else 0
+    free = shutil.disk_usage(ckpt).free
+    (short,) = all_reduce_sum([float(free < need)], device)
+    if short > 0:
+        raise CheckpointSaveError(
+            f"not enough disk space to save checkpoint {tag} in {ckpt}: it needs about {need / 2**20:,.1f} MiB (the "
+            f"size of {previous} + 5 %), {free / 2**20:,.1f} MiB are free on one rank's file system. The run stops "
+            f"here; {_intact(previous)} (or lower checkpoint.keep)", announce=dist.get_rank() == 0)
+    return previous
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -106,10 +175,36 @@ def prune(ckpt: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load(engine: Any, out_dir: Path) -> dict[str, Any]:
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)))
-    if path is None or client_state is None:
-        raise RuntimeError(f"--resume: could not load a checkpoint from {checkpoint_dir(out_dir)}")
+def select_resume(out_dir: Path, wanted: dict[str, Any], fallback: bool) -> tuple[Path, dict[str, list[str]]]:
+    """Before any process group: the checkpoint a --resume continues from (launch/manifest.py checks it)."""
+    path, rejected = manifest.select(checkpoint_dir(out_dir), wanted, fallback)
+    if rejected and os.environ.get("RANK", "0") == "0":
+        print(f"--resume_fallback: resuming from {path.name}; set aside (renamed to <tag>.rejected):\n"
+              f"{manifest.describe(rejected)}", file=sys.stderr, flush=True)
+    return path, rejected
+
+
+def set_aside(out_dir: Path, chosen: Path, rejected: dict[str, list[str]]) -> None:
+    """Collective, after a fallback: rank 0 renames the rejected checkpoints ``<tag>.rejected`` (kept for a look,
+    never resumed or pruned) and points ``latest`` at the chosen one."""
+    ckpt = checkpoint_dir(out_dir)
+    if dist.get_rank() == 0:
+        for tag in rejected:
+            if (ckpt / tag).is_dir():
+                os.replace(ckpt / tag, ckpt / f"{tag}.rejected")
+        write_atomically(ckpt / "latest", chosen.name)
+    dist.barrier()
+
+
+def load(engine: Any, path: Path) -> dict[str, Any]:
+    """Checkpoint ``path`` (checked by :func:`select_resume`) into a DeepSpeed-like engine: its client state."""
+    try:
+        loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except Exception as e:  # noqa: BLE001 - whatever the engine raises, name the checkpoint, before any step
+        raise manifest.CheckpointError(f"--resume: {engine.__class__.__name__} could not load {path}: "
+                                       f"{type(e).__name__}: {e}") from e
+    if loaded is None or client_state is None:
+        raise manifest.CheckpointError(f"--resume: could not load a checkpoint from {path}")
     return client_state
 
 

@@ -90,14 +90,15 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     seq, batch = t["seq_len"], t["batch_size"]
-    state: dict[str, Any] = {"step": 0, "losses": [], "val": [], "tokens": 0, "data_sha256": data.sha256}
+    state: dict[str, Any] = {"step": 0, "losses": [], "val": [], "tokens": 0, "skipped": [],
+                             "data_sha256": data.sha256}
     resumed_from = None
-    if args.resume:
-        loaded = runstate.load(engine, out)
-        if loaded.get("data_sha256") != data.sha256:
-            raise RuntimeError(f"--resume: the data differs from the checkpoint's ({loaded.get('data_sha256')} vs "
-                               f"{data.sha256}); use the same --data / tokenizer")
+    if plan["resume_from"] is not None:  # (chosen and checked by prepare(): launch/manifest.py)
+        if plan["rejected"]:
+            runstate.set_aside(out, plan["resume_from"], plan["rejected"])
+        loaded = runstate.load(engine, plan["resume_from"])
         state.update({k: loaded[k] for k in ("step", "losses", "val", "tokens")})
+        state["skipped"] = loaded.get("skipped", [])
         resumed_from = state["step"]
     runstate.install_signal_handlers()
     windows = val_windows(data, seq, ev["sequences"]) if ev["every"] else None
@@ -107,7 +108,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
               f"{seq} tokens (micro {micro} x accumulation {gas} x {getattr(engine, 'data_parallel_size', world)} "
               f"data-parallel ranks)\nrun dir: {out}", flush=True)
     bar = report.progress_bar(t["steps"], state["step"], rank == 0 and not args.no_progress)
-    stopped_by, run_tokens, train_time, last_ckpt = None, 0, 0.0, None
+    stopped_by, run_tokens, train_time, last_ckpt, rss = None, 0, 0.0, None, []
     rows_per_rank = micro
     dp_rank, dp_world = getattr(engine, "data_parallel_rank", rank), getattr(engine, "data_parallel_size", world)
     while state["step"] < t["steps"]:
@@ -121,6 +122,8 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
+        if getattr(engine.basic_optimizer, "last_step_skipped", False):  # (our optimizers: non-finite gradients)
+            state["skipped"].append(step + 1)
         stop_local = runstate.stop_requested() or (args.stop_at_step is not None and step + 1 >= args.stop_at_step)
         total, stops = runstate.all_reduce_sum([loss_sum / gas, float(stop_local)], device=engine.device)
         dt = time.perf_counter() - t0
@@ -136,6 +139,8 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
                                      ("Train/Steps/tokens_per_s", batch * seq / dt, step + 1)])
         bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} tok/s {tok_s:,.0f}", refresh=False)
         bar.update(1)
+        if state["step"] % t["log_every"] == 0:
+            rss.append((state["step"], report.resident_bytes()))
         if args.no_progress and rank == 0 and (state["step"] % t["log_every"] == 0 or state["step"] == 1):
             print(f"step {state['step']:5d}  loss {step_loss:.4f}  lr {lr:.3e}  tok/s {tok_s:,.0f}", flush=True)
         if windows is not None and (state["step"] % ev["every"] == 0 or state["step"] == t["steps"]):
@@ -146,20 +151,21 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
             report.announce_val(bar, rank, state["step"], vl)
         periodic = ck["every"] and state["step"] % ck["every"] == 0
         if stops > 0 or periodic or state["step"] == t["steps"]:
-            last_ckpt = runstate.save(engine, out, state["step"], state, ck["keep"])
+            last_ckpt = runstate.save(engine, out, state["step"], state, ck["keep"], plan["identity"], engine.device)
             if stops > 0:
                 stopped_by = runstate.STOP["signal"] or "--stop_at_step"
                 report.announce_stop(bar, rank, stopped_by, state["step"], last_ckpt)
                 break
     bar.close()
-    return finish(plan, args, engine, state, params, resumed_from, stopped_by, run_tokens, train_time, last_ckpt)
+    return finish(plan, args, engine, state, params, resumed_from, stopped_by, run_tokens, train_time, last_ckpt, rss)
 
 
 def finish(plan: dict[str, Any], args: argparse.Namespace, engine: Any, state: dict[str, Any], params: int,
            resumed_from: int | None, stopped_by: str | None, run_tokens: int, train_time: float,
-           last_ckpt: Path | None) -> int:
+           last_ckpt: Path | None, rss: list[tuple[int, int]]) -> int:
     run, out, ds_cfg = plan["run"], plan["out"], plan["ds"]
     peaks = report.gather_peak_memory()
+    rss_by_rank = report.gather_objects(rss)
     if dist.get_rank() == 0:
         val = state["val"][-1][1] if state["val"] else None
         name = f"{plan['model_name']} / {plan['ds_name']}"
@@ -174,6 +180,7 @@ def finish(plan: dict[str, Any], args: argparse.Namespace, engine: Any, state: d
             "train_seconds": train_time, "tokens_per_s": run_tokens / train_time if train_time else 0.0,
             "losses": state["losses"], "val": state["val"], "val_loss": val,
             "val_ppl": report.perplexity(val) if val is not None else None, "peak_memory_bytes": peaks,
+            "skipped_steps": state["skipped"], "resident_bytes_by_step": rss_by_rank,
             "memory_kind": "GPU max allocated" if torch.cuda.is_available() else "CPU peak RSS",
             "plot": str(plot), "checkpoint": str(last_ckpt), "logs": logs, "data_sha256": state["data_sha256"],
         }

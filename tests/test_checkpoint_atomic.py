@@ -36,21 +36,35 @@ def _saves(rank, world, out):
     try:
         runstate.save(engine, out, 2, {"step": 2}, keep=1)
         died = False
-    except OSError:
-        died = True
+    except runstate.CheckpointSaveError as e:
+        died = "No space left on device" in str(e) and "checkpoint step1 is intact" in str(e)
     after_death = sorted(p.name for p in ckpt.iterdir())
     latest_after_death = (ckpt / "latest").read_text()
     step1_files = sorted(p.name for p in (ckpt / "step1").iterdir())
     engine.fail = False
     runstate.save(engine, out, 3, {"step": 3}, keep=1)
-    return dict(after_first=after_first, died=died, after_death=after_death, latest_after_death=latest_after_death,
-                step1_files=step1_files, final=sorted(p.name for p in ckpt.iterdir()),
-                latest=(ckpt / "latest").read_text())
+    final, latest = sorted(p.name for p in ckpt.iterdir()), (ckpt / "latest").read_text()
+    size3 = sum(f.stat().st_size for f in (ckpt / "step3").iterdir() if f.name != "manifest.json")
+    real = runstate.shutil.disk_usage
+    runstate.shutil.disk_usage = lambda path: real(path)._replace(free=size3)  # (room for less than step3 + 5 %)
+    try:
+        runstate.save(engine, out, 4, {"step": 4}, keep=1)
+        full = None
+    except runstate.CheckpointSaveError as e:
+        full = str(e)
+    finally:
+        runstate.shutil.disk_usage = real
+    return dict(full=full, after_full=sorted(p.name for p in ckpt.iterdir()),after_first=after_first, died=died, after_death=after_death, latest_after_death=latest_after_death,
+                step1_files=step1_files, final=final, latest=latest)
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):
     (r,) = spawn(_saves, 1, str(tmp_path))
     assert r["after_first"] == ["latest", "step1"]
-    assert r["died"] and r["latest_after_death"] == "step1" and r["step1_files"] == ["part0.pt", "part1.pt"]
+    assert r["died"] and r["latest_after_death"] == "step1"
+    assert r["step1_files"] == ["manifest.json", "part0.pt", "part1.pt"]
     assert "step2" not in r["after_death"]  # (only step2.partial: invisible to --resume)
     assert r["final"] == ["latest", "step3"] and r["latest"] == "step3"  # pruned after step3 was complete
+    # not enough room for a checkpoint as large as the last one: refused before any file is written
+    assert r["full"] is not None and "not enough disk space to save checkpoint step4" in r["full"], r["full"]
+    assert "checkpoint step3 is intact" in r["full"] and r["after_full"] == ["latest", "step3"]
