@@ -103,8 +103,10 @@ def save_with(write: Callable[[Path], None], out_dir: Path, step: int, keep: int
     dist.barrier()
     try:
         write(partial)
-    except OSError as e:
-        raise CheckpointSaveError(f"[rank {rank}] saving checkpoint {tag} into {partial} failed: {e}. The run stops "
+    except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as a RuntimeError ("iostream error")
+        free = shutil.disk_usage(ckpt).free
+        raise CheckpointSaveError(f"[rank {rank}] saving checkpoint {tag} into {partial} failed: {type(e).__name__}: "
+                                  f"{e} ({free / 2**20:,.1f} MiB free on that file system{_full(free)}). The run stops "
                                   f"here; {_intact(previous)}") from e
     dist.barrier()
     if rank == 0:
@@ -122,6 +124,10 @@ def save_with(write: Callable[[Path], None], out_dir: Path, step: int, keep: int
         prune(ckpt, keep)
     dist.barrier()
     return ckpt / tag
+
+
+def _full(free: int) -> str:
+    return ": No space left on device" if free < 2**20 else ""
 
 
 def _intact(previous: str | None) -> str:
