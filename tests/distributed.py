@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
+import subprocess
+import tempfile
 import traceback
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -65,3 +69,32 @@ def spawn(fn, world: int, *args, timeout: float = 300) -> list:
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+def run_job(cmd: list[str], cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """A launcher command with its output through files, and every process it left behind killed once it exits:
+    a rank killed with SIGKILL can orphan helpers (megatron-core's checkpoint writer starts a multiprocessing
+    Manager) that would otherwise live on, holding a pipe open. torchrun puts each rank in a session of its own, so
+    the leftovers are found by a marker in their environment, not by process group."""
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "SINKGD_DS_TEST_JOB": marker}, stdout=out, stderr=err,
+                                text=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+            _kill_marked(f"SINKGD_DS_TEST_JOB={marker}".encode())
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+def _kill_marked(entry: bytes) -> None:
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if entry in f.read().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass

@@ -54,8 +54,9 @@ def _saves(rank, world, out):
         full = str(e)
     finally:
         runstate.shutil.disk_usage = real
-    return dict(full=full, after_full=sorted(p.name for p in ckpt.iterdir()),after_first=after_first, died=died, after_death=after_death, latest_after_death=latest_after_death,
-                step1_files=step1_files, final=final, latest=latest)
+    return dict(full=full, after_full=sorted(p.name for p in ckpt.iterdir()), after_first=after_first, died=died,
+                after_death=after_death, latest_after_death=latest_after_death, step1_files=step1_files, final=final,
+                latest=latest)
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path):

@@ -20,7 +20,7 @@ from launch import manifest
 from launch.config import ConfigError
 from launch.pretrain import parse_args, prepare
 
-from .distributed import free_port
+from .distributed import free_port, run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -35,7 +35,7 @@ RUN_ARGS = ["--deepspeed_config", "configs/zero2_sinkgd.json", "--model", "tiny"
 def run(out: Path, extra: list[str] = (), faults: dict[str, str] | None = None, expect: int = 0) -> str:
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            "tools/inject_faults.py", "launch/pretrain.py", *RUN_ARGS, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(faults or {})}, capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, ROOT, {**ENV, **(faults or {})}, timeout=300)
     text = proc.stdout + proc.stderr
     assert (proc.returncode == 0) == (expect == 0), text[-4000:]
     return text

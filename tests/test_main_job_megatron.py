@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from launch.config import ConfigError
 from launch.pretrain_megatron import parse_args, prepare
 
-from .distributed import free_port
+from .distributed import free_port, run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
@@ -45,10 +44,15 @@ def test_bad_input_is_refused_before_any_process_group(monkeypatch, argv, world,
         prepare(parse_args(["--model", "tiny", *argv]))
 
 
-def run(tmp_path: Path, name: str, extra: list[str]) -> dict:
+def run(tmp_path: Path, name: str, extra: list[str], faults: dict[str, str] | None = None) -> dict:
+    """A 2-rank run (through tools/inject_faults.py when ``faults``: then it must fail and returns its output)."""
+    wrapper = ["tools/inject_faults.py"] if faults else []
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "tests/main_job_megatron_cpu.py", *ARGS, "--out", str(tmp_path / name), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+           *wrapper, "tests/main_job_megatron_cpu.py", *ARGS, "--out", str(tmp_path / name), *extra]
+    proc = run_job(cmd, ROOT, {**ENV, **(faults or {})}, timeout=240)
+    if faults:
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        return {"output": proc.stdout + proc.stderr}
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "==== summary ====" in proc.stdout
     return json.loads((tmp_path / name / "summary.json").read_text())
@@ -89,3 +93,30 @@ def test_stop_then_resume_reproduces_the_straight_run_exactly(tmp_path, dp2):
     assert resumed["losses"] == straight["losses"]  # exact: weights, optimizer state and lr schedule restored
     assert resumed["val"] == straight["val"] and len(straight["val"]) == 2
     assert sorted(p.name for p in (tmp_path / "split/checkpoints").iterdir()) == ["latest", "step3", "step6"]
+
+
+def test_sigkill_in_a_save_then_resume_exactly_and_damage_is_refused(tmp_path, dp2, monkeypatch):
+    """Issue 18 on this entry: rank 1 SIGKILLs itself inside the save of step 4 (checkpoints every 2 steps): step 4
+    stays invisible, --resume continues from step 2 and ends with the straight run's losses bit for bit. A truncated
+    file of the kept checkpoint is refused before any process group, naming it; the engine's identity too."""
+    from launch import manifest
+
+    straight = dp2[1]
+    args = ["--use_distributed_optimizer", "--save_every", "2"]
+    killed = run(tmp_path, "killed", args, faults={"FAULT_KILL_IN_SAVE": "4:1"})
+    assert "rank 1: SIGKILL inside the save of step4" in killed["output"]
+    ckpt = tmp_path / "killed/checkpoints"
+    assert (ckpt / "latest").read_text() == "step2" and not (ckpt / "step4").exists()
+    assert manifest.check(ckpt / "step2", {"engine": "megatron", "tensor_parallel": 1, "data_parallel": 2}) == []
+    victim = max((p for p in (ckpt / "step2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[:-1])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=f"{victim}: truncated to {len(whole) - 1} bytes"):
+        prepare(parse_args([*ARGS, "--out", str(tmp_path / "killed"), "--resume", *args]))
+    with pytest.raises(ConfigError, match="tensor_parallel is 1 in the checkpoint, 2 in this run"):
+        prepare(parse_args([*ARGS, "--out", str(tmp_path / "killed"), "--resume", "--tp", "2", *args]))
+    victim.write_bytes(whole)
+    resumed = run(tmp_path, "killed", [*args, "--resume"])
+    assert (resumed["resumed_from"], resumed["step"]) == (2, 6)
+    assert resumed["losses"] == straight["losses"] and resumed["val"] == straight["val"]
