@@ -52,6 +52,12 @@ def evaluate(engine: Any, windows: torch.Tensor) -> float:
     return total / count
 
 
+def skips_so_far(engine: Any) -> int:
+    """Optimizer steps skipped for non-finite gradients: by DeepSpeed itself (its overflow check) or by our
+    optimizer (which DeepSpeed may not reach when it skipped first)."""
+    return int(getattr(engine, "skipped_steps", 0) or 0) + int(getattr(engine.basic_optimizer, "skipped_steps", 0))
+
+
 def optimizer_label(engine: Any) -> str:
     opt = engine.basic_optimizer
     kinds = sorted({g.get("kind") for g in opt.param_groups if g.get("kind")})
@@ -114,7 +120,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
     while state["step"] < t["steps"]:
         t0 = time.perf_counter()
         step = state["step"]
-        loss_sum = 0.0
+        loss_sum, skips_before = 0.0, skips_so_far(engine)
         for m in range(gas):
             first = m * dp_world * micro + dp_rank * rows_per_rank
             ids = train_batch(data, t["seed"], step, batch, seq, slice(first, first + micro)).to(engine.device)
@@ -122,7 +128,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
-        if getattr(engine.basic_optimizer, "last_step_skipped", False):  # (our optimizers: non-finite gradients)
+        if skips_so_far(engine) > skips_before:  # (non-finite gradients: no weight or state changed)
             state["skipped"].append(step + 1)
         stop_local = runstate.stop_requested() or (args.stop_at_step is not None and step + 1 >= args.stop_at_step)
         total, stops = runstate.all_reduce_sum([loss_sum / gas, float(stop_local)], device=engine.device)
