@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     map_mpi_env()
 
     def train(plan: dict[str, Any]) -> int:
+        from launch import runstate
         from launch.trainer import train as train_on_deepspeed  # deepspeed is imported only after the checks
 
-        return train_on_deepspeed(plan, args)
+        runstate.leave(train_on_deepspeed(plan, args))  # (the process group is down, every file written)
 
     return run_entry(lambda: prepare(args), train)
 

@@ -11,7 +11,6 @@ sharded over all ranks; our optimizer reads the layouts from the DTensor paramet
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -45,15 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out = str(ROOT / "runs" / f"{Path(args.model).stem}-{Path(args.deepspeed_config).stem}-fsdp2")
 
     def train(plan):
+        from launch import runstate
         from launch.trainer import train as train_loop  # torch.distributed starts only after the checks
 
-        rc = train_loop(plan, args, fsdp=True, tensor_parallel=args.tp)
-        # The process group is down and every file written; leave without interpreter finalization: a gloo
-        # worker thread that releases a Python-owned tensor while the interpreter finalizes aborts the rank
-        # ("terminate called without an active exception"), seen about 1 run in 10-30 (tests/jobs do the same).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        runstate.leave(train_loop(plan, args, fsdp=True, tensor_parallel=args.tp))
 
     def checked():
         plan = prepare(args, args.tp, engine="fsdp")

@@ -378,7 +378,15 @@ def evaluate(model, mine, micro: int, device) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_entry(lambda: prepare(args), lambda plan: train(plan, args))
+    def train_then_leave(plan: dict[str, Any]) -> int:
+        from launch import runstate
+
+        rc = train(plan, args)
+        if rc == 0:  # (the process group is down, every file written)
+            runstate.leave(rc)
+        return rc
+
+    return run_entry(lambda: prepare(args), train_then_leave)
 
 
 if __name__ == "__main__":

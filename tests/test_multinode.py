@@ -1,7 +1,8 @@
 """Several nodes, tested on this machine: two Linux network namespaces joined by a veth pair are two "nodes"
-with their own addresses. launch/run_multinode.sh (torchrun's static rendezvous, and the deepspeed launcher
-with --no_ssh --node_rank) runs the main job, ZeRO-2 SinkGD, one rank per node; it must equal a one-node
-run of the same world size bit for bit, and a run stopped on two nodes resumes on one.
+with their own addresses. launch/run_multinode.sh (torchrun's static rendezvous, the deepspeed launcher with
+--no_ssh --node_rank, and Open MPI's mpirun started on node 0 with an rsh agent that enters the other node,
+tests/jobs/netns_rsh.sh) runs the main job, ZeRO-2 SinkGD, with one and with two ranks per node; it must equal
+a one-node run of the same world size bit for bit, and a run stopped on two nodes resumes on one.
 
 The namespaces and addresses are created here, used only by this test and removed after it. Creating them
 needs root (CAP_NET_ADMIN): without it the test is skipped with that reason.
@@ -61,20 +62,31 @@ def two_nodes():
             _ip("netns", "del", ns)  # (removes the veth pair with it)
 
 
-def run_nodes(names, master: str, out: Path, extra: list[str], launcher: str = "torchrun") -> None:
+def run_nodes(names, master: str, out: Path, extra: list[str], launcher: str = "torchrun", nproc: int = 1) -> None:
+    """The job on both "nodes": one launcher per node (torchrun, deepspeed), or mpirun on node 0 alone."""
     port = str(free_port())
     procs = []
-    for rank, ns in enumerate(names):
-        env = {**ENV, "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": master, "MASTER_PORT": port, "NPROC": "1",
-               "GLOO_SOCKET_IFNAME": "sgd0", "LAUNCHER": launcher, "NODES": "node0 node1"}
+    nodes = f"{master} {master[:-1]}2" if launcher == "mpirun" else "node0 node1"
+    for rank, ns in enumerate(names[:1] if launcher == "mpirun" else names):
+        env = {**ENV, "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": master, "MASTER_PORT": port,
+               "NPROC": str(nproc), "GLOO_SOCKET_IFNAME": "sgd0", "LAUNCHER": launcher, "NODES": nodes,
+               "MPI_RSH_AGENT": str(ROOT / "tests/jobs/netns_rsh.sh")}
         cmd = ["ip", "netns", "exec", ns, "env", *(f"{k}={v}" for k, v in env.items() if k in (
-            "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC", "GLOO_SOCKET_IFNAME", "LAUNCHER", "NODES")),
-               "bash", "launch/run_multinode.sh", *ARGS, "--out", str(out), *extra]
+            "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC", "GLOO_SOCKET_IFNAME", "LAUNCHER", "NODES",
+            "MPI_RSH_AGENT")), "bash", "launch/run_multinode.sh", *ARGS, "--out", str(out), *extra]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text[-3000:]
+
+
+def one_node(out: Path, nproc: int, extra: list[str]) -> dict:
+    proc = subprocess.run(["bash", "launch/run_torchrun.sh", *ARGS, "--out", str(out), *extra], cwd=ROOT,
+                          env={**ENV, "NPROC": str(nproc), "MASTER_PORT": str(free_port())}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return summary(out)
 
 
 def summary(out: Path) -> dict:
@@ -83,12 +95,7 @@ def summary(out: Path) -> dict:
 
 def test_two_nodes_equal_one_node_and_resume_across_node_counts(two_nodes, tmp_path):
     names, master = two_nodes
-    one = tmp_path / "one"
-    proc = subprocess.run(["bash", "launch/run_torchrun.sh", *ARGS, "--out", str(one)], cwd=ROOT,
-                          env={**ENV, "NPROC": "2", "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ref = summary(one)
+    ref = one_node(tmp_path / "one", 2, [])
     for launcher in ("torchrun", "deepspeed"):
         out = tmp_path / launcher
         run_nodes(names, master, out, [], launcher)
@@ -98,9 +105,16 @@ def test_two_nodes_equal_one_node_and_resume_across_node_counts(two_nodes, tmp_p
     cut = tmp_path / "cut"
     run_nodes(names, master, cut, ["--stop_at_step", "2"])
     assert summary(cut)["step"] == 2
-    proc = subprocess.run(["bash", "launch/run_torchrun.sh", *ARGS, "--out", str(cut), "--resume"], cwd=ROOT,
-                          env={**ENV, "NPROC": "2", "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resumed = summary(cut)
+    resumed = one_node(cut, 2, ["--resume"])
     assert resumed["resumed_from"] == 2 and resumed["losses"] == ref["losses"]
+
+
+def test_two_ranks_per_node_with_torchrun_and_mpirun_equal_one_node(two_nodes, tmp_path):
+    """2 nodes x 2 ranks (micro batch 2 so the batch of 8 splits over 4 ranks) against 4 ranks on one node."""
+    names, master = two_nodes
+    ref = one_node(tmp_path / "one", 4, ["--micro_batch", "2"])
+    for launcher in ("torchrun", "mpirun"):
+        out = tmp_path / launcher
+        run_nodes(names, master, out, ["--micro_batch", "2"], launcher, nproc=2)
+        got = summary(out)
+        assert got["world"] == 4 and got["losses"] == ref["losses"] and got["val"] == ref["val"], launcher
