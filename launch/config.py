@@ -199,7 +199,7 @@ def known_optimizers() -> list[str]:
 
 
 def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batch: int | None,
-                      bf16: bool, world: int) -> dict[str, Any]:
+                      bf16: bool, world: int, pure_bf16: bool = False) -> dict[str, Any]:
     """Fill in what the run config owns: batch split, the 10%-warmup cosine schedule, monitor paths."""
     from sinkgd_ds.registry import lookup, names
 
@@ -234,8 +234,14 @@ def resolve_ds_config(path: Path, run: dict[str, Any], out_dir: Path, micro_batc
                           f"{micro} x world size {world}; allowed: multiples of {micro * world}")
     ds["train_batch_size"] = t["batch_size"]
     ds["gradient_accumulation_steps"] = t["batch_size"] // (micro * world)
-    if bf16:
+    if bf16 or pure_bf16:
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+    if pure_bf16:
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (1, 2, 3):
+            raise ConfigError(f"--pure_bf16 needs ZeRO stage 1, 2 or 3 (DeepSpeed keeps fp32 masters at stage 0); "
+                              f"{path} has zero_optimization.stage={stage}")
+        ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16 is not supported here (CPU has none; the papers use bf16): use \"bf16\"")
     sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})

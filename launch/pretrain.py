@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="override any run-config key, e.g. --set train.batch_size=32 (repeatable)")
     ap.add_argument("--micro_batch", type=int, default=None, help="sets train_micro_batch_size_per_gpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 weights/activations (the papers' precision; GPU)")
+    ap.add_argument("--pure_bf16", action="store_true",
+                    help="bf16 weights, gradients and optimizer state with no fp32 master copy (DeepSpeed "
+                    "bf16_master_weights_and_grads + bf16_optimizer_states, ZeRO 1-3); our optimizers round their "
+                    "updates stochastically (docs/precision.md)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<model>-<optimizer>-zero<stage>)")
     add_run_control_args(ap)
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -79,7 +83,7 @@ def prepare(args: argparse.Namespace, tensor_parallel: int = 1, engine: str = "d
     world //= tensor_parallel
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-{ds_path.stem}"
-    ds = resolve_ds_config(ds_path, run, out, args.micro_batch, args.bf16, world)
+    ds = resolve_ds_config(ds_path, run, out, args.micro_batch, args.bf16, world, getattr(args, "pure_bf16", False))
     runstate.prepare_out_dir(out, args.resume, args.overwrite)
     check_stop_at_step(args.stop_at_step, run["train"]["steps"])
     d = run["data"]
@@ -90,18 +94,26 @@ def prepare(args: argparse.Namespace, tensor_parallel: int = 1, engine: str = "d
             "ds_name": ds_path.name, "identity": identity, "resume_from": None, "rejected": {}}
     if args.resume:
         # ZeRO partitions (stage >= 1) load only at the data-parallel size that wrote them; DCP (FSDP2) reshards
-        must = ["engine", "model", "vocab_size", "data_sha256", "optimizer", "bf16"] + \
+        must = ["engine", "model", "vocab_size", "data_sha256", "optimizer", "precision"] + \
             (["zero_stage"] + (["data_parallel"] if identity["zero_stage"] else []) if engine == "deepspeed" else [])
         plan["resume_from"], plan["rejected"] = runstate.select_resume(
             out, {k: identity[k] for k in must}, args.resume_fallback)
     return plan
 
 
+def precision(ds: dict[str, Any]) -> str:
+    """fp32, bf16 (bf16 compute, fp32 masters) or pure-bf16 (no fp32 copy anywhere), from the DeepSpeed JSON."""
+    bf16 = ds.get("bf16", {})
+    if not bf16.get("enabled"):
+        return "fp32"
+    return "pure-bf16" if bf16.get("bf16_master_weights_and_grads") else "bf16"
+
+
 def checkpoint_identity(engine: str, run: dict[str, Any], ds: dict[str, Any], data: Any, data_parallel: int,
                         tensor_parallel: int) -> dict[str, Any]:
     """What a checkpoint records about the run that wrote it (launch/manifest.py)."""
     return {"engine": engine, "model": run["model"], "vocab_size": data.vocab_size, "data_sha256": data.sha256,
-            "optimizer": str(ds["optimizer"]["type"]).lower(), "bf16": bool(ds.get("bf16", {}).get("enabled")),
+            "optimizer": str(ds["optimizer"]["type"]).lower(), "precision": precision(ds),
             "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)) if engine == "deepspeed" else None,
             "data_parallel": data_parallel, "tensor_parallel": tensor_parallel}
 

@@ -105,8 +105,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     runstate.prepare_out_dir(out, args.resume, args.overwrite)
     # A resume must match all of it: TP / DP / distributed-optimizer resharding of these checkpoints is not tested
     identity = {"engine": "megatron", "model": m, "vocab_size": data.vocab_size, "data_sha256": data.sha256,
-                "optimizer": args.optimizer, "bf16": args.bf16, "tensor_parallel": tp, "data_parallel": dp,
-                "distributed_optimizer": args.use_distributed_optimizer}
+                "optimizer": args.optimizer, "precision": "bf16" if args.bf16 else "fp32", "tensor_parallel": tp,
+                "data_parallel": dp, "distributed_optimizer": args.use_distributed_optimizer}
     plan = {"run": run, "data": data, "out": out, "world": world, "dp": dp, "model_name": model_name,
             "identity": identity, "resume_from": None, "rejected": {}}
     if args.resume:
