@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export PYTHONWARNINGS ?= ignore::FutureWarning
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo compare lint bench clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -17,6 +17,11 @@ test: setup
 
 demo: setup
 	bash launch/demo.sh
+
+# Optimizers side by side on the main job (docs/compare.md); options through COMPARE_ARGS="--steps 100 ..."
+COMPARE_ARGS ?=
+compare: setup
+	$(PY) launch/compare.py $(COMPARE_ARGS)
 
 lint: setup
 	$(PY) -m ruff check sinkgd_ds megatron_patch launch tests benchmarks tools

@@ -30,6 +30,10 @@ class SinkGDOptimizerConfig(OptimizerConfig):
     """Per-block column statistics for fused linear_qkv (Q/K/V) and SwiGLU linear_fc1 (gate/up)."""
     sinkgd_implementation: str = "auto"
     """Engine backend: auto (Triton on CUDA, the native kernels on CPU), torch, native or triton."""
+    sinkgd_stochastic_rounding: bool = True
+    """Updates written into bf16 tensors round stochastically (fp32 main params, Megatron's default, are exact)."""
+    sinkgd_rounding_seed: int = 0
+    """Seed of the stochastic-rounding hash."""
 
 
 @dataclass

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Treat fused linear_qkv / SwiGLU linear_fc1 as one matrix each.")
     g.add_argument("--sinkgd-implementation", default="auto", choices=IMPLEMENTATIONS,
                    help="Engine backend: auto = Triton on CUDA, the native kernels on CPU.")
+    g.add_argument("--sinkgd-stochastic-rounding", default=True, action=argparse.BooleanOptionalAction,
+                   help="Round updates written into bf16 tensors stochastically (--no-sinkgd-stochastic-rounding: "
+                        "to nearest). fp32 main params are unaffected.")
+    g.add_argument("--sinkgd-rounding-seed", type=int, default=0, help="Seed of the stochastic-rounding hash.")
     g.add_argument("--scale-momentum", type=float, default=0.9, help="SCALE: output-layer momentum.")
     g.add_argument("--swan-ns-steps", type=int, default=5, help="SWAN: Newton-Schulz steps of the whitening.")
     return parser

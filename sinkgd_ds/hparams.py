@@ -60,6 +60,14 @@ def int_at_least(where: str, key: str, value: Any, low: int) -> int:
     return value
 
 
+def boolean(where: str, key: str, value: Any) -> bool:
+    """A switch: exactly True or False (JSON true/false), never a string such as "false", which is truthy."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key}={value!r} is not allowed; it must be True or False (JSON true / false), "
+                         f"got {type(value).__name__}")
+    return value
+
+
 def betas_pair(where: str, key: str, value: Any) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"{where}: {key}={value!r} must be a pair (beta1, beta2), each in [0, 1)")

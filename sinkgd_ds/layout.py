@@ -14,6 +14,7 @@ partial sums into one buffer per group, and the buffers must line up across rank
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -86,11 +87,14 @@ class Segment:
 class MatrixSpec:
     """One logical (possibly fused) matrix as seen by this rank.
 
-    ``shape`` is the rank-local matrix (the TP slice); ``global_shape`` the full matrix, used only for
-    the targets sqrt(n) and sqrt(m_block).  ``shard_group`` completes sums over ranks that hold other
-    flat pieces of the same local matrix (ZeRO / DistOpt data parallelism); ``row_group`` completes
-    row sums over column slices (row-parallel TP) and ``col_group`` column sums over row slices
-    (column-parallel TP).  ``None`` means the sum is already complete on this rank.
+    ``shape`` is the rank-local matrix (the TP slice); ``global_shape`` the full matrix, used for the
+    targets sqrt(n) and sqrt(m_block); ``global_offset`` is where the local matrix sits in it (element (i, j)
+    is global (i + row offset, j + col offset)), used only to give each element its logical index for
+    stochastic rounding (``sinkgd_ds.rounding``), as does ``name`` (its CRC-32 names the matrix there, so it
+    must be the same for one logical matrix on every rank and in every layout).  ``shard_group`` completes
+    sums over ranks that hold other flat pieces of the same local matrix (ZeRO / DistOpt data parallelism);
+    ``row_group`` completes row sums over column slices (row-parallel TP) and ``col_group`` column sums over
+    row slices (column-parallel TP).  ``None`` means the sum is already complete on this rank.
     """
 
     name: str
@@ -102,7 +106,9 @@ class MatrixSpec:
     shard_group: object | None = None
     row_group: object | None = None
     col_group: object | None = None
+    global_offset: tuple[int, int] = (0, 0)
     segments: tuple[Segment, ...] = field(init=False, repr=False)
+    key: int = field(init=False, repr=False)  # CRC-32 of the name: the matrix's identity in the rounding hash
 
     def __post_init__(self) -> None:
         m, n = self.shape
@@ -110,6 +116,11 @@ class MatrixSpec:
             raise ValueError(f"matrix {self.name!r}: shape {self.shape} must be positive")
         if self.global_shape is None:
             self.global_shape = self.shape
+        (r0, c0), (gm, gn) = self.global_offset, self.global_shape
+        if r0 < 0 or c0 < 0 or r0 + m > gm or c0 + n > gn:
+            raise ValueError(f"matrix {self.name!r}: local {self.shape} at offset {self.global_offset} lies outside "
+                             f"the global {self.global_shape}")
+        self.key = zlib.crc32(self.name.encode())
         for f in self.fragments:
             if f.numel < 0 or f.start < 0 or f.start + f.numel > m * n:
                 raise ValueError(f"matrix {self.name!r}: fragment [{f.start}, {f.start + f.numel}) outside {m}x{n}")
@@ -128,6 +139,11 @@ class MatrixSpec:
 
     def col_targets(self) -> torch.Tensor:
         return torch.tensor([math.sqrt(r) for r in self.blocks.global_rows], dtype=torch.float32)
+
+    def index_base(self, seg: Segment) -> int:
+        """Logical index (global row * global columns + global column) of ``seg``'s first element; its element
+        (i, j) has index ``index_base(seg) + i * global_shape[1] + j``."""
+        return (self.global_offset[0] + seg.row) * self.global_shape[1] + self.global_offset[1] + seg.col
 
     @property
     def is_local(self) -> bool:
@@ -181,6 +197,7 @@ class FlatMatrix:
     blocks: RowBlocks | None = None
     row_group: object | None = None
     col_group: object | None = None
+    global_offset: tuple[int, int] = (0, 0)
 
     @property
     def numel(self) -> int:
@@ -214,5 +231,5 @@ def flat_partition_specs(
             frags = (Fragment(partition, s - lo, s - mlo, e - s),)
         specs.append(MatrixSpec(mat.name, mat.shape, frags, owner=partition, global_shape=mat.global_shape,
                                 blocks=mat.blocks, shard_group=group if shared else None,
-                                row_group=mat.row_group, col_group=mat.col_group))
+                                row_group=mat.row_group, col_group=mat.col_group, global_offset=mat.global_offset))
     return specs

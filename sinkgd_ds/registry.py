@@ -35,7 +35,9 @@ REGISTRY: dict[str, OptimizerEntry] = {e.name: e for e in (
 )}
 # Megatron config fields every one of our optimizers reads (Megatron's own names for lr, decay, Adam's eps)
 MEGATRON_COMMON_FIELDS: Mapping[str, str] = {"lr": "lr", "weight_decay": "weight_decay", "sinkgd_lr_scale": "lr_scale",
-                                             "adam_eps": "eps", "sinkgd_implementation": "implementation"}
+                                             "adam_eps": "eps", "sinkgd_implementation": "implementation",
+                                             "sinkgd_stochastic_rounding": "stochastic_rounding",
+                                             "sinkgd_rounding_seed": "rounding_seed"}
 
 
 def names() -> list[str]:

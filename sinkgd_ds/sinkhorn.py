@@ -27,6 +27,7 @@ import torch.distributed as dist
 from . import backends
 from .backends.reference import check_schedule as _check_schedule
 from .layout import MatrixSpec
+from .rounding import StochasticRounding, flat_indices, random16, stochastic_round_bf16, update_target
 
 __all__ = ["Scales", "MatrixBatch", "normalize_scales", "apply_scaled_update_", "apply_scaled_updates_",
            "apply_dense_update_", "gather_matrix", "CommStats"]
@@ -283,39 +284,45 @@ class MatrixBatch:
         return torch.stack(parts).amax()
 
     def apply_(self, step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
-               recheck: bool = True, gate: torch.Tensor | None = None) -> None:
+               recheck: bool = True, gate: torch.Tensor | None = None,
+               rounding: StochasticRounding | None = None) -> None:
         """W <- W (1 - step_size * weight_decay) - step_size * extra_scale * diag(r) G diag(c) for every matrix
         (on CPU one native call for all of them, on CUDA one Triton launch). ``recheck=False`` reuses the check
         made by :meth:`normalize` in the same step (for callers that know no tensor moved in between).
-        ``gate``: a 0-dim tensor; when it is nonzero nothing is written (a verdict that stays on the device)."""
+        ``gate``: a 0-dim tensor; when it is nonzero nothing is written (a verdict that stays on the device).
+        ``rounding``: bf16 weights take the update through stochastic rounding (``sinkgd_ds.rounding``); None
+        rounds to nearest. fp32 weights are the same either way."""
         if recheck or not self._checked:
             self._refresh()
         self._checked = False
-        self.backend.apply(self, self._all, *_update_coefficients(step_size, weight_decay, extra_scale), gate)
+        self.backend.apply(self, self._all, *_update_coefficients(step_size, weight_decay, extra_scale), gate,
+                           rounding)
 
     def step_(self, schedule: Sequence[Half], step_size: float, weight_decay: float = 0.0, extra_scale: float = 1.0,
-              stats: CommStats | None = None, per_matrix: bool = False) -> bool:
+              stats: CommStats | None = None, per_matrix: bool = False,
+              rounding: StochasticRounding | None = None) -> bool:
         """Normalise and update in one go, for a caller whose verdict is complete with this batch's (nothing after
         it can veto the step). Returns whether every matrix was updated; ``scales[i].finite`` says which were not.
 
         ``per_matrix=False``: :meth:`normalize`, then :meth:`apply_` only if every matrix's sums are finite
         (otherwise nothing is written). ``per_matrix=True``: each matrix with finite sums is updated, the others
         are left as they are; on CPU each matrix is updated right after its own normalisation, while its G is
-        still in cache. When every matrix runs natively either is ONE native call.
+        still in cache. When every matrix runs natively either is ONE native call. ``rounding``: as in
+        :meth:`apply_`.
         """
         schedule = tuple(schedule)
         self._refresh()
         decay, alpha = _update_coefficients(step_size, weight_decay, extra_scale)
-        done = self.backend.step(self, schedule, decay, alpha, per_matrix, stats)
+        done = self.backend.step(self, schedule, decay, alpha, per_matrix, stats, rounding)
         if done is not None:
             return done
         self._normalize(schedule, stats)
         if self.all_finite():
-            self.apply_(step_size, weight_decay, extra_scale, recheck=False)
+            self.apply_(step_size, weight_decay, extra_scale, recheck=False, rounding=rounding)
             return True
         if per_matrix:  # (rare: a non-finite step of a batch the kernels do not fully cover)
             clean = [i for i, sc in enumerate(self.scales) if sc.finite]
-            self.backend.apply(self, clean, decay, alpha, None)
+            self.backend.apply(self, clean, decay, alpha, None, rounding)
         self._checked = False
         return False
 
@@ -350,9 +357,10 @@ def apply_scaled_update_(
     weight_decay: float = 0.0,
     extra_scale: float = 1.0,
     implementation: str = "auto",
+    rounding: StochasticRounding | None = None,
 ) -> None:
     """W <- W (1 - step_size * weight_decay) - step_size * extra_scale * diag(r) G diag(c), on local pieces."""
-    apply_scaled_updates_([spec], [scales], direction, step_size, weight_decay, extra_scale, implementation)
+    apply_scaled_updates_([spec], [scales], direction, step_size, weight_decay, extra_scale, implementation, rounding)
 
 
 def apply_scaled_updates_(
@@ -363,9 +371,11 @@ def apply_scaled_updates_(
     weight_decay: float = 0.0,
     extra_scale: float = 1.0,
     implementation: str = "auto",
+    rounding: StochasticRounding | None = None,
 ) -> None:
     """:func:`apply_scaled_update_` for many matrices with the same step size (see :meth:`MatrixBatch.apply_`)."""
-    MatrixBatch(specs, direction, scales, implementation).apply_(step_size, weight_decay, extra_scale)
+    MatrixBatch(specs, direction, scales, implementation).apply_(step_size, weight_decay, extra_scale,
+                                                                 rounding=rounding)
 
 
 def gather_matrix(spec: MatrixSpec, direction: Direction) -> torch.Tensor:
@@ -385,11 +395,20 @@ def gather_matrix(spec: MatrixSpec, direction: Direction) -> torch.Tensor:
     return full.view(m, n)
 
 
-def apply_dense_update_(spec: MatrixSpec, update: torch.Tensor, step_size: float, weight_decay: float = 0.0) -> None:
-    """W_piece <- W_piece (1 - step_size * wd) - step_size * update_piece, for a full (m, n) update."""
+def apply_dense_update_(spec: MatrixSpec, update: torch.Tensor, step_size: float, weight_decay: float = 0.0,
+                        rounding: StochasticRounding | None = None) -> None:
+    """W_piece <- W_piece (1 - step_size * wd) - step_size * update_piece, for a full (m, n) update; a bf16
+    piece through stochastic rounding when ``rounding`` is given (the same bits as the engine's update)."""
     flat = update.reshape(-1)
     for f in spec.fragments:
         p = f.tensor.view(-1)[f.offset : f.offset + f.numel]
+        if rounding is not None and p.dtype == torch.bfloat16:
+            decay = 1.0 - step_size * weight_decay if weight_decay else 1.0
+            y = update_target(p, flat[f.start : f.start + f.numel].to(torch.float32, copy=True), decay, step_size)
+            index = flat_indices(spec.shape, spec.global_shape, spec.global_offset, f.start, f.start + f.numel,
+                                 p.device)
+            p.copy_(stochastic_round_bf16(y, random16(rounding.stream(spec.key), index)))
+            continue
         if weight_decay:
             p.mul_(1.0 - step_size * weight_decay)
         p.add_(flat[f.start : f.start + f.numel].to(p.dtype), alpha=-step_size)

@@ -248,7 +248,10 @@ def run_config(full: dict[str, torch.Tensor], tp: int, dist_opt: bool, steps: in
     model, ddp, opt = build(full, tp, dist_opt, bf16, optimizer, bucket_size, split, implementation)
     losses = train(model, ddp, opt, 0, steps)
     inner = opt.chained_optimizers[0]
+    layouts = [*inner.optimizer._layout_specs, *(s for g in inner.optimizer._group_layouts.values() for s in g)]
     return {"tp": tp, "tp_rank": ps.get_tensor_model_parallel_rank(),
+            # where each matrix's TP slice sits in the full matrix (its stochastic-rounding element indices)
+            "places": {s.name.removeprefix("module."): (s.global_offset, s.shape, s.global_shape) for s in layouts},
             "types": (type(inner).__name__, type(inner.optimizer).__name__),
             "weights": masters(model, opt), "losses": global_losses(losses),
             "kinds": {g["kind"] for g in inner.optimizer.param_groups},

@@ -52,11 +52,15 @@ TABLE = [
     (("SinkGD", "SWAN"), "fallback_patterns", ["("], "is not a valid regular expression", ERROR),
     (("SCALE",), "head_patterns", ["["], "is not a valid regular expression", ERROR),
     (ALL, "implementation", "cuda", "use one of auto, torch, native, triton", ERROR),
+    (ALL, "stochastic_rounding", "false", "must be True or False", ERROR),
+    (ALL, "rounding_seed", -1, "must be an integer >= 0", ERROR),
+    (ALL, "rounding_seed", 2**31, "must be an integer in [0, 2147483647]", ERROR),
 ]
 # the Megatron config field (Megatron-LM flag) of each key; keys without one are not reachable from there
 MEGATRON_FIELD = {"lr": "lr", "lr_scale": "sinkgd_lr_scale", "weight_decay": "weight_decay", "eps": "adam_eps",
                   "sinkhorn_iters": "sinkgd_iters", "momentum": "scale_momentum", "ns_steps": "swan_ns_steps",
-                  "implementation": "sinkgd_implementation"}
+                  "implementation": "sinkgd_implementation", "stochastic_rounding": "sinkgd_stochastic_rounding",
+                  "rounding_seed": "sinkgd_rounding_seed"}
 
 
 def rows(entry_keys=None):

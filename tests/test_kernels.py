@@ -437,3 +437,51 @@ def test_per_matrix_step_updates_exactly_the_clean_matrices(kernels_on, gdtypes,
         assert fused == (kernels_on and torch.float16 not in gdtypes)
     finally:
         kernels.set_enabled(prev)
+
+
+def _bf16_fixture(seed: int, shapes, gdtypes):
+    gen = torch.Generator().manual_seed(seed)
+    ws, specs = [], []
+    for i, (s, gdt) in enumerate(zip(shapes, gdtypes)):
+        w = torch.randn(s, generator=gen).bfloat16()
+        w.grad_dtype = None
+        w.grad = torch.randn(s, generator=gen).to(gdt)
+        ws.append(w)
+        specs.append(dense_spec(w, f"layers.{i}.weight"))
+    return ws, specs
+
+
+@pytest.mark.parametrize("call", ["apply", "step", "per_matrix", "per_matrix_one_bad"])
+def test_stochastic_rounding_equals_the_torch_path_bit_for_bit(call):
+    """bf16 weights with stochastic rounding (sinkgd_ds/rounding.py): every native entry point (the update
+    alone, the one-call step, the per-matrix fused step) writes the torch path's bits, on 2 threads, for a long
+    single row (split over the threads) and for matrices split by rows."""
+    from sinkgd_ds.rounding import StochasticRounding
+
+    shapes = [(1, 70000), (300, 300), (7, 300), (12, 9)]
+    gdtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
+    rounding = StochasticRounding(seed=4, step=9)
+    sched = ("row", "col") * 2
+    out = {}
+    for kernels_on in (True, False):
+        ws, specs = _bf16_fixture(11, shapes, gdtypes)
+        if call == "per_matrix_one_bad":
+            ws[1].grad[3, 4] = float("nan")
+        before = [w.clone() for w in ws]
+        prev = kernels.set_enabled(kernels_on)
+        try:
+            with threads(2):
+                batch = MatrixBatch(specs, grad_of)
+                if call == "apply":
+                    batch.normalize(sched)
+                    batch.apply_(0.01, 0.1, rounding=rounding)
+                else:
+                    batch.step_(sched, 0.01, 0.1, per_matrix=call != "step", rounding=rounding)
+            assert (batch.backend.name == "native") == kernels_on
+        finally:
+            kernels.set_enabled(prev)
+        out[kernels_on] = [w.view(torch.int16) for w in ws]
+        if call == "per_matrix_one_bad":
+            assert torch.equal(ws[1], before[1])
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
+    assert sum(not torch.equal(w.view(torch.int16), b.view(torch.int16)) for w, b in zip(ws, before)) >= 3

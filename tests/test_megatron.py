@@ -124,6 +124,28 @@ def test_fused_blocks_matter(world2):
         assert not torch.allclose(split[name], unsplit[name], rtol=0, atol=1e-6), name
 
 
+@pytest.mark.parametrize("label", ["tp2", "tp2-distopt"])
+def test_tp_slices_know_their_place_in_the_full_matrix(world2, label):
+    """Every matrix's layout places its TP slice (``global_offset``, the origin of its stochastic-rounding element
+    indices) where Megatron took it from the full weight: the full weight's block there is the rank's slice.
+    The SwiGLU ``linear_fc1`` is the exception (its slice is [gate_r; up_r], two runs of the full [gate; up]);
+    its offset is the TP-concatenated order's (tp_rank * local rows), as docs/precision.md says."""
+    full = world2[0]["full"]
+    placed = 0
+    for r in world2:
+        run = r["runs"][label]
+        for name, ((r0, c0), (m, n), global_shape) in run["places"].items():
+            dim = run["dims"][name]
+            assert global_shape == tuple(full[name].shape), name
+            if name.endswith("linear_fc1.weight"):
+                assert (r0, c0) == (run["tp_rank"] * m, 0), name
+                continue
+            block = full[name][r0 : r0 + m, c0 : c0 + n]
+            assert torch.equal(block, local_slice(name, full[name], dim, run["tp"], run["tp_rank"])), name
+            placed += dim is not None and (r0, c0) != (0, 0)
+    assert placed >= 4  # (rank 1's slices of qkv, proj and fc2 of both layers sit away from the origin)
+
+
 def test_kinds_routed(world2):
     """SCALE keeps embedding and output layer off AdamW (its own rules); SinkGD/SWAN leave them on AdamW."""
     runs = world2[0]["runs"]

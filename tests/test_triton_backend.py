@@ -277,6 +277,35 @@ def test_launches_per_step_do_not_grow_with_the_matrix_count(iters, monkeypatch)
         assert counts[-1] == 2 * iters + 2  # (+ the flags' reset, a torch fill)
 
 
+def test_stochastic_rounding_adds_no_launch_and_matches_torch(monkeypatch):
+    """bf16 weights with stochastic rounding: still 2L + 2 launches (the update launch takes the stochastic
+    variant), and the bits of the torch reference (tests/test_stochastic_rounding.py checks the layouts)."""
+    from sinkgd_ds.backends.triton_backend import TritonBackend
+    from sinkgd_ds.rounding import StochasticRounding
+
+    launches = []
+    real = TritonBackend._launch
+
+    def counted(kernel, programs, *args, **meta):
+        launches.append(meta.get("STOCHASTIC"))
+        return real(kernel, programs, *args, **meta)
+
+    monkeypatch.setattr(TritonBackend, "_launch", staticmethod(counted))
+    out = {}
+    for impl in ("triton", "torch"):
+        gen = torch.Generator().manual_seed(6)
+        ws = [torch.randn(s, generator=gen).bfloat16().to(DEVICE) for s in [(6, 5), (3, 12), (10, 2)]]
+        for w in ws:
+            set_grad(w, torch.randn(w.shape, generator=gen).to(DEVICE))
+        launches.clear()
+        batch = MatrixBatch([dense_spec(w, f"w{i}") for i, w in enumerate(ws)], grad_of, implementation=impl)
+        assert batch.step_(("row", "col") * 2, 0.01, 0.1, rounding=StochasticRounding(2, 3)) is True
+        out[impl] = [w.cpu().view(torch.int16) for w in ws]
+        if impl == "triton":
+            assert len(launches) == 2 * 2 + 2 and launches[-1] is True
+    assert all(torch.equal(a, b) for a, b in zip(out["triton"], out["torch"]))
+
+
 class _Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -425,11 +454,12 @@ def test_backend_choice_and_clear_errors(monkeypatch):
 def test_every_kernel_variant_compiles_for_the_gpu():
     """The interpreter runs code the GPU compiler refuses (globals that are not constexpr, a name bound to
     different types in the branches of a runtime ``if``): every variant the backend can launch is compiled
-    here, ahead of time, to a cubin for sm_90 (H100/H200), with no GPU (tests/triton_aot.py)."""
+    here, ahead of time, to a cubin for sm_90 (H100/H200), with no GPU (tests/triton_aot.py); the 6 stochastic-
+    rounding variants of the update without fused multiply-adds, as they are launched."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(root / "tests" / "triton_aot.py"), "90"], env=env, cwd=root,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") == 15, proc.stdout
+    assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") == 21, proc.stdout

@@ -2,7 +2,9 @@
 Triton's wheel carries the NVIDIA backend and ptxas). Run as a script without TRITON_INTERPRET (under the
 interpreter ``triton.jit`` does not build compilable functions). Prints one line per variant; exit 1 on the
 first kernel the compiler refuses, with its error (the interpreter accepts code the compiler does not: globals
-that are not constexpr, names bound to different types in the branches of a runtime ``if``).
+that are not constexpr, names bound to different types in the branches of a runtime ``if``). The stochastic-
+rounding variants of the update are compiled as the backend launches them (enable_fp_fusion=False), and their
+PTX must hold no fused multiply-add: (W decay) - (alpha u) is rounded once per operation on every backend.
 
     python tests/triton_aot.py [capability, default 90 (H100/H200)]
 """
@@ -38,19 +40,24 @@ def variants():
         yield (k.finish_pass, {"mats": I64, "targets": F32, "row_progs": I64, "col_progs": I64, "rowsum": F32,
                                "colsum": F32, "flags": I32, "n_row_progs": "i32"},
                {"HAVE_ROW": have_row, "HAVE_COL": have_col, "BR": rbr, "BC": cbc})
-    for gate, decay in itertools.product((0, 1, 2), (False, True)):
+    for gate, decay, stochastic in itertools.product((0, 1, 2), (False, True), (False, True)):
         yield (k.apply_pass, {"mats": I64, "segs": I64, "progs": I64, "gate": F32, "flags": I32, "decay": "fp32",
-                              "alpha": "fp32"}, {"GATE": gate, "USE_DECAY": decay, "BLOCK": block})
+                              "alpha": "fp32", "seed": "i32", "step": "i32"},
+               {"GATE": gate, "USE_DECAY": decay, "STOCHASTIC": stochastic, "BLOCK": block})
 
 
 def main() -> int:
     target = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
     for fn, args, consts in variants():
         src = ASTSource(fn=fn, signature={**args, **{name: "constexpr" for name in consts}}, constexprs=consts)
+        stochastic = consts.get("STOCHASTIC", False)
         try:
-            compiled = triton.compile(src, target=target)
+            compiled = triton.compile(src, target=target, options={"enable_fp_fusion": False} if stochastic else None)
         except Exception as e:  # noqa: BLE001 - reported with the variant
             print(f"FAILED {fn.__name__} {consts}: {e}")
+            return 1
+        if stochastic and "fma." in compiled.asm["ptx"]:
+            print(f"FAILED {fn.__name__} {consts}: fused multiply-add in the PTX of a stochastic-rounding variant")
             return 1
         print(f"ok {fn.__name__} {consts} cubin {len(compiled.asm['cubin'])} B")
     return 0

@@ -22,10 +22,13 @@ import torch
 
 from .. import kernels as _kernels
 from ..layout import MatrixSpec, RowBlocks
+from ..rounding import StochasticRounding
 from .reference import TorchBackend, _segments
 from .reference import check_schedule as _check_schedule
 
 __all__ = ["NativeBackend"]
+
+APPLY_WIDTH = 11  # int64 per update segment (the C++ source's APPLY_WIDTH)
 
 
 def _addr(buf: array) -> int:
@@ -121,8 +124,13 @@ def _apply_segments(spec: MatrixSpec, r: torch.Tensor, c: torch.Tensor, directio
     for seg in spec.segments:
         pp, ps, pcode, gp, gs, gcode = frags[seg.fragment]
         desc.extend((pp + seg.offset * ps, pcode, gp + seg.offset * gs, gcode, seg.rows, seg.cols, rp + 4 * seg.row,
-                     cp + 4 * (seg.block * n + seg.col)))
+                     cp + 4 * (seg.block * n + seg.col), spec.index_base(seg), spec.global_shape[1], spec.key))
     return True
+
+
+def _rounding_args(rounding: StochasticRounding | None) -> tuple[int, int, int]:
+    """(on, seed, step) as the kernels take them."""
+    return (0, 0, 0) if rounding is None else (1, *rounding.words)
 
 
 @dataclass
@@ -152,14 +160,14 @@ class NativeBackend(TorchBackend):
                 local.append((i, spec, *loc, sc.r, sc.c))
         desc, starts, torch_apply = array("q"), array("q"), []
         for i, (spec, sc) in enumerate(zip(batch.specs, batch.scales)):
-            starts.append(len(desc) // 8)  # matrix i's update segments are desc rows [starts[i], starts[i + 1])
+            starts.append(len(desc) // APPLY_WIDTH)  # matrix i's update segments: rows [starts[i], starts[i + 1])
             if not _apply_segments(spec, sc.r, sc.c, batch.direction, desc):
                 torch_apply.append(i)
-        starts.append(len(desc) // 8)
+        starts.append(len(desc) // APPLY_WIDTH)
         all_native = bool(local) and len(local) == len(batch.specs) and not torch_apply
-        threads = _kernels.num_threads(sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), 8)))
+        threads = _kernels.num_threads(sum(desc[k + 4] * desc[k + 5] for k in range(0, len(desc), APPLY_WIDTH)))
         norm = _normalize_descriptors(local) if local else None
-        batch.prepared = _Prepared(norm, desc, (len(desc) // 8, _addr(desc)), threads, torch_apply, starts,
+        batch.prepared = _Prepared(norm, desc, (len(desc) // APPLY_WIDTH, _addr(desc)), threads, torch_apply, starts,
                                    starts if all_native else None)
 
     def normalize_local(self, batch, schedule: bytes) -> list[int]:
@@ -204,40 +212,43 @@ class NativeBackend(TorchBackend):
                 else:
                     out[cs].addmv_(g.float().square().t(), other[seg.row : seg.row + seg.rows])
 
-    def apply(self, batch, idx: list[int], decay: float, alpha: float, gate: torch.Tensor | None) -> None:
+    def apply(self, batch, idx: list[int], decay: float, alpha: float, gate: torch.Tensor | None,
+              rounding: StochasticRounding | None = None) -> None:
         prep = batch.prepared
         if gate is not None and bool(gate.item() > 0):  # (a CPU flag: reading it is no device sync)
             return
+        use_decay, words = 1 if decay != 1.0 else 0, _rounding_args(rounding)
         if len(idx) == len(batch.specs):
             if prep.apply_desc:
-                self.lib.sk_apply_many(*prep.apply_head, decay, alpha, 1 if decay != 1.0 else 0, prep.apply_threads)
-            super().apply(batch, prep.torch_apply, decay, alpha, None)
+                self.lib.sk_apply_many(*prep.apply_head, decay, alpha, use_decay, *words, prep.apply_threads)
+            super().apply(batch, prep.torch_apply, decay, alpha, None, rounding)
             return
         # a subset (rare: the clean matrices of a non-finite step): their rows of the descriptors
         desc, native = array("q"), set(idx) - set(prep.torch_apply)
         for i in sorted(native):
-            desc.extend(prep.apply_desc[8 * prep.starts[i] : 8 * prep.starts[i + 1]])
+            desc.extend(prep.apply_desc[APPLY_WIDTH * prep.starts[i] : APPLY_WIDTH * prep.starts[i + 1]])
         if desc:
-            self.lib.sk_apply_many(len(desc) // 8, _addr(desc), decay, alpha, 1 if decay != 1.0 else 0,
+            self.lib.sk_apply_many(len(desc) // APPLY_WIDTH, _addr(desc), decay, alpha, use_decay, *words,
                                    prep.apply_threads)
-        super().apply(batch, [i for i in idx if i not in native], decay, alpha, None)
+        super().apply(batch, [i for i in idx if i not in native], decay, alpha, None, rounding)
 
     def step(self, batch, schedule: tuple[str, ...], decay: float, alpha: float, per_matrix: bool,
-             stats) -> bool | None:
+             stats, rounding: StochasticRounding | None = None) -> bool | None:
         """Normalise and update every matrix in ONE native call, when every matrix runs natively; None when
         it cannot (the engine then normalises and applies in two calls)."""
         prep = batch.prepared
         nat = prep.norm
         if nat is None or prep.segment_starts is None:
             return None
-        use_decay = 1 if decay != 1.0 else 0
+        use_decay, words = 1 if decay != 1.0 else 0, _rounding_args(rounding)
         schedule = _check_schedule(schedule)
         if per_matrix:
             rc = self.lib.sk_fused_many(*nat.head, schedule, len(schedule), nat.threads, _kernels.SPREAD,
                                         nat.bad_addr, _addr(prep.segment_starts), prep.apply_head[1], decay, alpha,
-                                        use_decay)
+                                        use_decay, *words)
         else:
             rc = self.lib.sk_step_many(*nat.head, schedule, len(schedule), nat.threads, _kernels.SPREAD,
-                                       nat.bad_addr, *prep.apply_head, decay, alpha, use_decay, prep.apply_threads)
+                                       nat.bad_addr, *prep.apply_head, decay, alpha, use_decay, *words,
+                                       prep.apply_threads)
         self._verdicts(batch, rc)
         return rc == 0

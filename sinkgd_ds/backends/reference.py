@@ -8,7 +8,8 @@ normalised gradient is diag(r) G diag(c) with
 
 and a zero sum gives a zero scale. Both are sums, so every *segment* (a 2-D run of G inside one tensor,
 see ``sinkgd_ds.layout``) adds its partial sums into the matrix's vectors; the engine then completes them
-over the ranks with one all-reduce per half. The update is W <- W (1 - s wd) - s k diag(r) G diag(c).
+over the ranks with one all-reduce per half. The update is W <- W (1 - s wd) - s k diag(r) G diag(c); a bf16
+W takes it through stochastic rounding when the step asks for it (``sinkgd_ds.rounding``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import functools
 import torch
 
 from ..layout import MatrixSpec, Segment
+from ..rounding import StochasticRounding, random16, stochastic_round_bf16, update_target
 
-__all__ = ["TorchBackend", "guarded_scale", "row_partials_", "col_partials_", "scaled_update_", "segment_view"]
+__all__ = ["TorchBackend", "guarded_scale", "row_partials_", "col_partials_", "scaled_update_", "segment_noise",
+           "segment_view"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,13 +50,31 @@ def col_partials_(out: torch.Tensor, g: torch.Tensor, rsq: torch.Tensor) -> None
 
 
 def scaled_update_(p: torch.Tensor, g: torch.Tensor, r: torch.Tensor, c: torch.Tensor, decay: float,
-                   alpha: float) -> None:
-    """p <- p decay - alpha diag(r) g diag(c)  (p, g: a segment; r: its rows' scales; c: its columns')."""
+                   alpha: float, noise: tuple[int, torch.Tensor] | None = None) -> None:
+    """p <- p decay - alpha diag(r) g diag(c)  (p, g: a segment; r: its rows' scales; c: its columns').
+
+    ``noise``: (stream key, logical indices of the segment's elements) to round a bf16 ``p`` stochastically;
+    None rounds to nearest (in the order torch's in-place ops round: the decayed weight, the update, the sum)."""
     upd = g.float() * r[:, None]
     upd.mul_(c)
+    if noise is not None and p.dtype == torch.bfloat16:
+        stream, index = noise
+        p.copy_(stochastic_round_bf16(update_target(p, upd, decay, alpha), random16(stream, index)))
+        return
     if decay != 1.0:
         p.mul_(decay)
     p.add_(upd.to(p.dtype), alpha=-alpha)
+
+
+def segment_noise(spec: MatrixSpec, seg: Segment, rounding: StochasticRounding | None,
+                  device: torch.device) -> tuple[int, torch.Tensor] | None:
+    """The stream key and logical element indices of ``seg`` for :func:`scaled_update_`, or None."""
+    if rounding is None:
+        return None
+    stride = spec.global_shape[1]
+    rows = torch.arange(seg.rows, dtype=torch.int64, device=device)[:, None] * stride
+    index = rows + torch.arange(seg.cols, dtype=torch.int64, device=device) + spec.index_base(seg)
+    return rounding.stream(spec.key), index
 
 
 def segment_view(tensor: torch.Tensor, seg: Segment, read_only: bool = False) -> torch.Tensor:
@@ -74,7 +95,8 @@ class TorchBackend:
     def normalize_local(self, batch, schedule: bytes) -> list[int]:
         return []  # (no whole-schedule shortcut: every matrix goes through the half-iterations)
 
-    def step(self, batch, schedule: tuple[str, ...], decay: float, alpha: float, per_matrix: bool, stats):
+    def step(self, batch, schedule: tuple[str, ...], decay: float, alpha: float, per_matrix: bool, stats,
+             rounding: StochasticRounding | None = None):
         return None  # (no one-call step: the engine normalises, reads the verdict, then applies)
 
     def begin(self, batch, idx: list[int]) -> None:
@@ -116,18 +138,20 @@ class TorchBackend:
             sc.c.copy_(guarded_scale(sums, batch.col_targets(i)[:, None]))
         sc.flag |= ~torch.isfinite(sums).all()
 
-    def apply(self, batch, idx: list[int], decay: float, alpha: float, gate: torch.Tensor | None) -> None:
+    def apply(self, batch, idx: list[int], decay: float, alpha: float, gate: torch.Tensor | None,
+              rounding: StochasticRounding | None = None) -> None:
         for i in idx:
             spec, sc = batch.specs[i], batch.scales[i]
             n = spec.shape[1]
             for seg, g in _segments(spec, batch.direction):
                 p = segment_view(spec.fragments[seg.fragment].tensor, seg)
                 c = sc.c.view(-1)[seg.block * n + seg.col : seg.block * n + seg.col + seg.cols]
+                noise = segment_noise(spec, seg, rounding, p.device) if p.dtype == torch.bfloat16 else None
                 if gate is None:
-                    scaled_update_(p, g, sc.r[seg.row : seg.row + seg.rows], c, decay, alpha)
+                    scaled_update_(p, g, sc.r[seg.row : seg.row + seg.rows], c, decay, alpha, noise)
                 else:  # (device verdict: write the old values back where the step is skipped, no host sync)
                     new = p.clone()
-                    scaled_update_(new, g, sc.r[seg.row : seg.row + seg.rows], c, decay, alpha)
+                    scaled_update_(new, g, sc.r[seg.row : seg.row + seg.rows], c, decay, alpha, noise)
                     p.copy_(torch.where(gate > 0, p, new))
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..rounding import StochasticRounding
 from . import _TORCH
 
 __all__ = ["TritonBackend"]
@@ -48,6 +49,8 @@ class _Tables:
     row_progs: torch.Tensor
     col_progs: torch.Tensor
     apply_progs: torch.Tensor
+    apply_progs_f32: torch.Tensor  # the apply programs of fp32 weights, and of bf16 weights (stochastic rounding
+    apply_progs_bf16: torch.Tensor  # launches the two apart: fp32 weights keep today's variant bit for bit)
     prows: torch.Tensor
     partial: torch.Tensor  # local matrices: a row of column contributions per row tile (about G / 16 floats)
     flags: torch.Tensor  # int32 per matrix: nonzero = non-finite sums this step
@@ -104,7 +107,7 @@ class TritonBackend:
                 p, g = frags[seg.fragment]
                 segs.append((g.data_ptr() + seg.offset * g.element_size(), _CODES[g.dtype], seg.row, seg.rows,
                              seg.col, seg.cols, seg.block, p.data_ptr() + seg.offset * p.element_size(),
-                             _CODES[p.dtype], k))
+                             _CODES[p.dtype], k, spec.index_base(seg), spec.global_shape[1], spec.key))
             mats.append((m, n, nb, lo, len(segs), sums.row_offsets[k], sums.col_offsets[k], sc.r.data_ptr(),
                          sc.c.data_ptr(), len(targets)))
             targets.append(spec.row_target)
@@ -133,9 +136,11 @@ class TritonBackend:
         seg_of = torch.repeat_interleave(torch.arange(len(segs)), tiles)
         first = torch.cumsum(tiles, 0) - tiles
         apply_progs = torch.stack([seg_of, (torch.arange(len(seg_of)) - first[seg_of]) * self.APPLY_BLOCK], 1)
-        host = [torch.tensor(mats, dtype=torch.int64), torch.tensor(segs, dtype=torch.int64).reshape(-1, 10),
+        bf16_weight = torch.tensor([s[8] == _CODES[torch.bfloat16] for s in segs], dtype=torch.bool)[seg_of]
+        host = [torch.tensor(mats, dtype=torch.int64), torch.tensor(segs, dtype=torch.int64).reshape(-1, 13),
                 torch.tensor(targets, dtype=torch.float32), torch.tensor(row_progs, dtype=torch.int64),
                 torch.tensor(col_progs, dtype=torch.int64), apply_progs.contiguous(),
+                apply_progs[~bf16_weight].contiguous(), apply_progs[bf16_weight].contiguous(),
                 torch.tensor(prows or [(0, 0)], dtype=torch.int64)]
         if device.type == "cuda":
             host = [t.pin_memory() for t in host]
@@ -178,23 +183,35 @@ class TritonBackend:
                      tb.col_progs, sums.rows, sums.cols, tb.flags, len(tb.row_progs), HAVE_ROW=tb.state["row"],
                      HAVE_COL=tb.state["col"], BR=self.ROW_TILE[0], BC=self.COL_TILE[1])
 
-    def apply(self, batch, idx: list[int], decay: float, alpha: float, gate: torch.Tensor | None) -> None:
+    def apply(self, batch, idx: list[int], decay: float, alpha: float, gate: torch.Tensor | None,
+              rounding: StochasticRounding | None = None) -> None:
         """Every matrix (``idx`` is all of them), or with ``idx`` a subset: the matrices whose flag is clear
-        (the engine's only subset is the clean matrices of a non-finite step)."""
+        (the engine's only subset is the clean matrices of a non-finite step). With ``rounding`` the bf16
+        weights take the stochastic variant (one more launch where fp32 and bf16 weights share a batch)."""
         tb = batch.prepared
         mode = 2 if len(idx) != len(batch.specs) else (1 if gate is not None else 0)
         gate_t = gate.reshape(()).to(device=tb.flags.device, dtype=torch.float32) if gate is not None else tb.targets
-        self._launch(self.k.apply_pass, len(tb.apply_progs), tb.mats, tb.segs, tb.apply_progs, gate_t, tb.flags,
-                     float(decay), float(alpha), GATE=mode, USE_DECAY=decay != 1.0, BLOCK=self.APPLY_BLOCK)
+        args = (tb.mats, tb.segs)
+        meta = dict(GATE=mode, USE_DECAY=decay != 1.0, BLOCK=self.APPLY_BLOCK)
+        if rounding is None or len(tb.apply_progs_bf16) == 0:
+            self._launch(self.k.apply_pass, len(tb.apply_progs), *args, tb.apply_progs, gate_t, tb.flags,
+                         float(decay), float(alpha), 0, 0, STOCHASTIC=False, **meta)
+            return
+        if len(tb.apply_progs_f32):
+            self._launch(self.k.apply_pass, len(tb.apply_progs_f32), *args, tb.apply_progs_f32, gate_t, tb.flags,
+                         float(decay), float(alpha), 0, 0, STOCHASTIC=False, **meta)
+        self._launch(self.k.apply_pass, len(tb.apply_progs_bf16), *args, tb.apply_progs_bf16, gate_t, tb.flags,
+                     float(decay), float(alpha), *rounding.words, STOCHASTIC=True, enable_fp_fusion=False, **meta)
 
-    def step(self, batch, schedule: tuple[str, ...], decay: float, alpha: float, per_matrix: bool, stats) -> bool:
+    def step(self, batch, schedule: tuple[str, ...], decay: float, alpha: float, per_matrix: bool, stats,
+             rounding: StochasticRounding | None = None) -> bool:
         """Normalise, then update gated on the device (the whole batch's verdict, or each matrix's own flag);
         the one host read is the returned verdict, after everything is queued."""
         batch._normalize(schedule, stats)
         if per_matrix:
-            self.apply(batch, [], decay, alpha, None)
+            self.apply(batch, [], decay, alpha, None, rounding)
         else:
-            self.apply(batch, batch._all, decay, alpha, batch.verdict())
+            self.apply(batch, batch._all, decay, alpha, batch.verdict(), rounding)
         batch._checked = False
         return batch.all_finite()
 

@@ -10,7 +10,8 @@ scale) and every sums vector is checked for non-finite values by exactly one pro
 the matrix's device flag; nothing is read back on the host.
 
 Tables (int64, one row per entry; the column names below are the only coupling with ``triton_backend.py``):
-  segments  G address, G dtype code, row, rows, col, cols, block, W address, W dtype code, matrix
+  segments  G address, G dtype code, row, rows, col, cols, block, W address, W dtype code, matrix, logical index
+            of element (0, 0), logical row stride, matrix key (the last three: stochastic rounding only)
   matrices  m, n, blocks, first segment, end segment, row-sum offset, col-sum offset, r address, c address,
             offset of its targets in the float table (sqrt(n), then sqrt(global rows) of each block)
   row programs  matrix, first row, end row, tile index, tiles of the matrix, first segment, end segment,
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 # (globals a kernel reads must be tl.constexpr: the compiler refuses others, the interpreter does not check)
-SEG_WIDTH = tl.constexpr(10)
+SEG_WIDTH = tl.constexpr(13)
 MAT_WIDTH = tl.constexpr(10)
 ROWP_WIDTH = tl.constexpr(8)
 COLP_WIDTH = tl.constexpr(7)
@@ -51,6 +52,32 @@ def _round_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser on uint32 (sinkgd_ds/rounding.py's ``fmix32``)."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _random16(seed, step, matrix, index):
+    """16 uniform bits per element (int64 ``index``): sinkgd_ds/rounding.py's ``stream_key`` and ``random16``."""
+    stream = _fmix32(_fmix32(_fmix32(seed.to(tl.uint32) ^ 0x9E3779B9) ^ step.to(tl.uint32)) ^ matrix.to(tl.uint32))
+    h = _fmix32(index.to(tl.uint32) ^ stream)
+    return _fmix32(h + ((index >> 32).to(tl.uint32) ^ stream)) >> 16
+
+
+@triton.jit
+def _stochastic_bf16_bits(y, r16):
+    """The bf16 bit pattern (int16) of fp32 ``y`` rounded with the random ``r16``; NaN -> 0x7FC0."""
+    u = y.to(tl.uint32, bitcast=True)
+    bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (u + r16) >> 16)
+    return bits.to(tl.int16)
 
 
 @triton.jit
@@ -243,11 +270,14 @@ def finish_pass(mats, targets, row_progs, col_progs, rowsum, colsum, flags, n_ro
         tl.store(tl.load(cmat + 8).to(tl.pointer_type(tl.float32)) + b * n + cols, c, mask=cmask)
 
 
-@triton.jit
-def apply_pass(mats, segs, progs, gate, flags, decay, alpha,
-               GATE: tl.constexpr, USE_DECAY: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "step"])
+def apply_pass(mats, segs, progs, gate, flags, decay, alpha, seed, step,
+               GATE: tl.constexpr, USE_DECAY: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """W <- W decay - alpha diag(r) G diag(c) on BLOCK elements of one segment. GATE 1: nothing is written
-    when ``gate`` (the step's verdict, on the device) is nonzero; GATE 2: when the matrix's own flag is."""
+    when ``gate`` (the step's verdict, on the device) is nonzero; GATE 2: when the matrix's own flag is.
+    STOCHASTIC: bf16 weights round stochastically, keyed by (seed, step, matrix key, logical index); this
+    variant is launched only over bf16 weights, and compiled without fused multiply-adds (the backend passes
+    enable_fp_fusion=False) so that (W decay) - (alpha u) is rounded as every backend rounds it."""
     pid = tl.program_id(0)
     s = tl.load(progs + pid * 2)
     e0 = tl.load(progs + pid * 2 + 1)
@@ -278,6 +308,14 @@ def apply_pass(mats, segs, progs, gate, flags, decay, alpha,
             if USE_DECAY:
                 p = p * decay
             tl.store(pp + e, p - alpha * upd, mask=mask)
+        elif STOCHASTIC:
+            wb = tl.load(paddr.to(tl.pointer_type(tl.bfloat16)) + e, mask=mask, other=0.0).to(tl.float32)
+            if USE_DECAY:
+                wb = wb * decay
+            y = wb - alpha * upd
+            index = tl.load(seg + 10) + (e // scols) * tl.load(seg + 11) + e % scols
+            r16 = _random16(seed, step, tl.load(seg + 12), index)
+            tl.store(paddr.to(tl.pointer_type(tl.int16)) + e, _stochastic_bf16_bits(y, r16), mask=mask)
         else:  # bf16 weights: rounded where torch rounds (the decayed weight, the update), then once more
             pb = paddr.to(tl.pointer_type(tl.bfloat16))
             p = tl.load(pb + e, mask=mask, other=0.0).to(tl.float32)

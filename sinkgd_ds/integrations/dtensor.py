@@ -7,6 +7,10 @@ belong to, of which it holds the rows ``[r0, r0 + mr)`` as one flat fragment; th
 rows complete the sums over the other rows (``shard_group``), those that cut columns complete the row sums
 over the other column slices (``row_group``), and ``Replicate`` dimensions add nothing. A tensor dimension cut
 by several mesh dimensions (FSDP x TP) is completed by one all-reduce per mesh dimension, in mesh order.
+The column slice sits at column ``c0`` of the global matrix (``global_offset``, for stochastic rounding's
+logical element indices). Rows cut twice along dim 0 (``_StridedShard``, FSDP2 over a column-parallel TP
+weight) are not one contiguous run of global rows: the sums are exact as ever, but the rounding indices then
+count this rank's rows as if they were (unbiased and deterministic, not the dense run's bits).
 
 This module only describes layouts; it never touches a norm.
 """
@@ -77,4 +81,5 @@ def dtensor_spec(name: str, p: torch.Tensor) -> MatrixSpec:
                          f"{mr} x {nc} computed from placements {p.placements}")
     frags = (Fragment(local, 0, offset[0] * nc, mr * nc),) if mr * nc else ()
     return MatrixSpec(name, (m, nc), frags, owner=local, global_shape=(m, n),
-                      shard_group=_groups(p.device_mesh, row_dims), row_group=_groups(p.device_mesh, col_dims))
+                      shard_group=_groups(p.device_mesh, row_dims), row_group=_groups(p.device_mesh, col_dims),
+                      global_offset=(0, offset[1] if len(shape) == 2 else 0))

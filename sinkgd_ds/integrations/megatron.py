@@ -58,6 +58,8 @@ class MatrixMeta:
     blocks: RowBlocks | None
     row_group: object | None
     col_group: object | None
+    global_offset: tuple[int, int] = (0, 0)  # the TP slice's place in the full matrix (Megatron concatenates the
+    # TP ranks' slices along partition_dim, so rank t holds rows / columns [t * local, (t + 1) * local))
 
 
 def fused_row_blocks(name: str, shape: tuple[int, int], model_config: Any, tp_size: int) -> RowBlocks | None:
@@ -99,22 +101,24 @@ def matrix_meta(model_param: torch.Tensor, tp_group: object | None, model_config
     m, n = (int(s) for s in model_param.shape)
     tp = dist.get_world_size(group=tp_group) if tp_group is not None else 1
     row_group = col_group = None
-    global_shape = (m, n)
+    global_shape, offset = (m, n), (0, 0)
     if tp > 1 and getattr(model_param, "tensor_model_parallel", False):
         dim = getattr(model_param, "partition_dim", -1)
+        rank = dist.get_rank(group=tp_group)
         if dim == 0:
-            global_shape, col_group = (m * tp, n), tp_group
+            global_shape, col_group, offset = (m * tp, n), tp_group, (rank * m, 0)
         elif dim == 1:
-            global_shape, row_group = (m, n * tp), tp_group
+            global_shape, row_group, offset = (m, n * tp), tp_group, (0, rank * n)
         else:
             raise ValueError(f"sinkgd_ds: {name}: tensor_model_parallel with partition_dim={dim} is not supported")
     blocks = fused_row_blocks(name, (m, n), model_config, tp) if split_fused and model_config is not None else None
-    return MatrixMeta(name, (m, n), global_shape, blocks, row_group, col_group)
+    return MatrixMeta(name, (m, n), global_shape, blocks, row_group, col_group, offset)
 
 
 def _spec(meta: MatrixMeta, frags: tuple[Fragment, ...], owner: torch.Tensor, shard_group=None) -> MatrixSpec:
     return MatrixSpec(meta.name, meta.shape, frags, owner=owner, global_shape=meta.global_shape, blocks=meta.blocks,
-                      shard_group=shard_group, row_group=meta.row_group, col_group=meta.col_group)
+                      shard_group=shard_group, row_group=meta.row_group, col_group=meta.col_group,
+                      global_offset=meta.global_offset)
 
 
 def _matrix_groups(inner: MatrixOptimizer) -> list[int]:

@@ -36,7 +36,7 @@ log = logging.getLogger("sinkgd_ds")
 
 __all__ = ["available", "build", "library_path", "set_enabled", "supports", "DTYPE_CODES"]
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
@@ -133,11 +133,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sk_col_partial.restype = i32
     lib.sk_apply.argtypes = [p, i32, p, i32, i64, i64, p, p, f32, f32, i32, i32]
     lib.sk_apply.restype = i32
-    lib.sk_apply_many.argtypes = [i64, p, f32, f32, i32, i32]
+    lib.sk_apply_many.argtypes = [i64, p, f32, f32, i32, i32, i64, i64, i32]
     lib.sk_apply_many.restype = i32
-    lib.sk_step_many.argtypes = [i64, p, p, p, p, p, i64, i32, i32, p, i64, p, f32, f32, i32, i32]
+    lib.sk_step_many.argtypes = [i64, p, p, p, p, p, i64, i32, i32, p, i64, p, f32, f32, i32, i32, i64, i64, i32]
     lib.sk_step_many.restype = i32
-    lib.sk_fused_many.argtypes = [i64, p, p, p, p, p, i64, i32, i32, p, p, p, f32, f32, i32]
+    lib.sk_fused_many.argtypes = [i64, p, p, p, p, p, i64, i32, i32, p, p, p, f32, f32, i32, i32, i64, i64]
     lib.sk_fused_many.restype = i32
     if lib.sk_abi_version() != ABI_VERSION:
         raise OSError("stale kernel library (ABI version mismatch)")

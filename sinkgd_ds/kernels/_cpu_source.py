@@ -338,6 +338,80 @@ static void apply_impl(typename WT::T* W, const typename GT::T* G, i64 rows, i64
     }
 }
 
+// ---------------------------------------------------------------- the update into bf16 with stochastic rounding
+// The same functions as sinkgd_ds/rounding.py (the reference, tested bit for bit): a counter-based hash of
+// (seed, step, matrix, logical element index) gives 16 random bits, added to the fp32 result's bit pattern
+// before the low 16 bits are dropped. The fp32 result is (w * decay) - (alpha * u), each operation rounded
+// once: these functions are compiled without contraction into fused multiply-adds (GCC's -ffp-contract=fast,
+// the default for C++, would fuse them; clang contracts within an expression unless told not to).
+#if defined(__clang__)
+#define SK_NO_CONTRACT
+#define SK_NO_CONTRACT_BODY _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+#define SK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define SK_NO_CONTRACT_BODY
+#else
+#define SK_NO_CONTRACT
+#define SK_NO_CONTRACT_BODY
+#endif
+
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+static inline uint32_t stream_key(uint32_t seed, uint32_t step, uint32_t matrix) {
+    return fmix32(fmix32(fmix32(seed ^ 0x9e3779b9u) ^ step) ^ matrix);
+}
+static inline uint32_t random16(uint32_t stream, uint64_t index) {
+    uint32_t h = fmix32((uint32_t)index ^ stream);
+    return fmix32(h + ((uint32_t)(index >> 32) ^ stream)) >> 16;
+}
+static inline uint16_t f2bf_stochastic(float f, uint32_t r16) {  // NaN -> 0x7fc0 (as torch's conversion)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + r16) >> 16);
+}
+
+// one row (or part of one): W_j <- SR((W_j * decay) - alpha * ((G_j * r) * c_j)), element j at index0 + j
+template <class GT>
+SK_NO_CONTRACT static void update_row_sr(uint16_t* __restrict w, const typename GT::T* __restrict g, float r,
+                                         const float* __restrict c, i64 cols, float decay, float alpha,
+                                         int use_decay, uint32_t stream, uint64_t index0) {
+    SK_NO_CONTRACT_BODY
+    for (i64 j = 0; j < cols; ++j) {
+        const float u = (GT::ld(g, j) * r) * c[j];
+        const float v = alpha * u;
+        float x = bf2f(w[j]);
+        if (use_decay) x = x * decay;
+        const float y = x - v;
+        w[j] = f2bf_stochastic(y, random16(stream, index0 + (uint64_t)j));
+    }
+}
+
+// a (rows x cols) segment whose element (i, j) has logical index base + i * stride + j
+template <class GT>
+static void apply_sr_impl(uint16_t* W, const typename GT::T* G, i64 rows, i64 cols, const float* r, const float* c,
+                          float decay, float alpha, int use_decay, uint32_t stream, i64 base, i64 stride, int nt) {
+    if (rows == 1 && nt > 1) {  // one long (partial) row: split its columns
+        const i64 chunk = (cols + nt - 1) / nt;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int t = 0; t < nt; ++t) {
+            const i64 a = std::min<i64>(cols, (i64)t * chunk), b = std::min<i64>(cols, a + chunk);
+            update_row_sr<GT>(W + a, G + a, r[0], c + a, b - a, decay, alpha, use_decay, stream,
+                              (uint64_t)(base + a));
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (i64 i = 0; i < rows; ++i)
+        update_row_sr<GT>(W + i * cols, G + i * cols, r[i], c, cols, decay, alpha, use_decay, stream,
+                          (uint64_t)(base + i * stride));
+}
+
 // How every "many" entry point spreads its items (matrices or update segments) over nt threads: an item larger
 // than an even share of the total runs alone on all threads (or every item does, without spread); the others
 // are spread over the threads whole (dynamic), so there is no barrier inside them and one call has one
@@ -364,7 +438,7 @@ static void share_out(i64 count, int nt, int spread, bool last_first, Size size,
 // dtype codes: 0 = float32, 1 = bfloat16
 extern "C" {
 
-int sk_abi_version() { return 6; }
+int sk_abi_version() { return 7; }
 
 int sk_has_openmp() {
 #ifdef _OPENMP
@@ -433,16 +507,39 @@ int sk_apply(void* W, int wdt, const void* G, int gdt, i64 rows, i64 cols, const
     return 0;
 }
 
-// Many update segments at once. d: count rows of 8 int64 [W ptr, W dtype, G ptr, G dtype, rows, cols, r ptr,
-// c ptr]; spread over the threads by share_out, in list order. Returns -1 on an unknown dtype.
-int sk_apply_many(i64 count, const i64* d, float decay, float alpha, int use_decay, int nt) {
+// One update segment of an apply descriptor (a row of APPLY_WIDTH int64: W ptr, W dtype, G ptr, G dtype, rows,
+// cols, r ptr, c ptr, logical index of element (0, 0), logical row stride, matrix key). With ``rounding`` a bf16
+// W rounds stochastically, keyed by (seed, step, matrix key, logical index); otherwise to nearest.
+static const i64 APPLY_WIDTH = 11;
+
+static int apply_segment(const i64* e, float decay, float alpha, int use_decay, int rounding, uint32_t seed,
+                         uint32_t step, int threads) {
+    if (rounding && e[1] == 1) {
+        const uint32_t stream = stream_key(seed, step, (uint32_t)e[10]);
+        if (e[3] == 0)
+            apply_sr_impl<F32>((uint16_t*)e[0], (const float*)e[2], e[4], e[5], (const float*)e[6],
+                               (const float*)e[7], decay, alpha, use_decay, stream, e[8], e[9], threads);
+        else if (e[3] == 1)
+            apply_sr_impl<BF16>((uint16_t*)e[0], (const uint16_t*)e[2], e[4], e[5], (const float*)e[6],
+                                (const float*)e[7], decay, alpha, use_decay, stream, e[8], e[9], threads);
+        else
+            return -1;
+        return 0;
+    }
+    return sk_apply((void*)e[0], (int)e[1], (const void*)e[2], (int)e[3], e[4], e[5], (const float*)e[6],
+                    (const float*)e[7], decay, alpha, use_decay, threads);
+}
+
+// Many update segments at once. d: count rows of APPLY_WIDTH int64 (see apply_segment); spread over the threads
+// by share_out, in list order. Returns -1 on an unknown dtype.
+int sk_apply_many(i64 count, const i64* d, float decay, float alpha, int use_decay, int rounding, i64 seed, i64 step,
+                  int nt) {
     std::vector<int> rc((size_t)count, 0);
     share_out(
-        count, nt, 1, false, [&](i64 k) { return d[8 * k + 4] * d[8 * k + 5]; },
+        count, nt, 1, false, [&](i64 k) { return d[APPLY_WIDTH * k + 4] * d[APPLY_WIDTH * k + 5]; },
         [&](i64 k, int threads) {
-            const i64* e = d + 8 * k;
-            rc[(size_t)k] = sk_apply((void*)e[0], (int)e[1], (const void*)e[2], (int)e[3], e[4], e[5],
-                                     (const float*)e[6], (const float*)e[7], decay, alpha, use_decay, threads);
+            rc[(size_t)k] = apply_segment(d + APPLY_WIDTH * k, decay, alpha, use_decay, rounding, (uint32_t)seed,
+                                          (uint32_t)step, threads);
         });
     for (int v : rc)
         if (v) return v;
@@ -454,30 +551,28 @@ int sk_apply_many(i64 count, const i64* d, float decay, float alpha, int use_dec
 // an unknown dtype, 1 when some sum was non-finite (no weight written; bad says which), 0 when applied.
 int sk_step_many(i64 count, const i64* desc, const float* rt, const i64* runs, const float* ct, const uint8_t* sched,
                  i64 ns, int nt, int spread, int* bad, i64 acount, const i64* adesc, float decay, float alpha,
-                 int use_decay, int ant) {
+                 int use_decay, int rounding, i64 seed, i64 step, int ant) {
     if (sk_normalize_many(count, desc, rt, runs, ct, sched, ns, nt, spread, bad) < 0) return -1;
     for (i64 k = 0; k < count; ++k)
         if (bad[k]) return 1;
-    return sk_apply_many(acount, adesc, decay, alpha, use_decay, ant) ? -1 : 0;
+    return sk_apply_many(acount, adesc, decay, alpha, use_decay, rounding, seed, step, ant) ? -1 : 0;
 }
 
 // Per-matrix skip: each matrix is normalised and, if its own sums are finite, updated right away, while its G
-// is still in cache (G is read once from DRAM). aidx: count+1 offsets into adesc (rows of 8, as sk_apply_many)
-// giving matrix k's update segments; spread over the threads by share_out. Returns -1 on an unknown dtype, else
-// the number of matrices left unchanged.
+// is still in cache (G is read once from DRAM). aidx: count+1 offsets into adesc (rows of APPLY_WIDTH, as
+// sk_apply_many) giving matrix k's update segments; spread over the threads by share_out. Returns -1 on an
+// unknown dtype, else the number of matrices left unchanged.
 int sk_fused_many(i64 count, const i64* desc, const float* rt, const i64* runs, const float* ct, const uint8_t* sched,
                   i64 ns, int nt, int spread, int* bad, const i64* aidx, const i64* adesc, float decay, float alpha,
-                  int use_decay) {
+                  int use_decay, int rounding, i64 seed, i64 step) {
     int rc = 0;
     auto one = [&](i64 k, int threads) {
         bad[k] = normalize_one(desc + 10 * k, sched, ns, rt[k], runs, ct, threads);
         if (bad[k] != 0) return;
-        for (i64 q = aidx[k]; q < aidx[k + 1]; ++q) {
-            const i64* e = adesc + 8 * q;
-            if (sk_apply((void*)e[0], (int)e[1], (const void*)e[2], (int)e[3], e[4], e[5], (const float*)e[6],
-                         (const float*)e[7], decay, alpha, use_decay, threads) != 0)
+        for (i64 q = aidx[k]; q < aidx[k + 1]; ++q)
+            if (apply_segment(adesc + APPLY_WIDTH * q, decay, alpha, use_decay, rounding, (uint32_t)seed,
+                              (uint32_t)step, threads) != 0)
                 bad[k] = -1;
-        }
     };
     share_out(count, nt, spread, false, matrix_numel(desc), one);
     for (i64 k = 0; k < count; ++k) {

@@ -22,6 +22,7 @@ from .. import backends
 from .. import hparams as hp
 from ..integrations.dtensor import dtensor_spec, is_dtensor, local_tensor
 from ..layout import MatrixSpec, dense_spec
+from ..rounding import SEED_LIMIT, StochasticRounding
 from ..sinkhorn import CommStats, Direction, MatrixBatch, all_reduce_sum
 from .adamw_fallback import adamw_step
 from .step_hooks import hooked_step
@@ -35,8 +36,12 @@ ADAMW = "adamw"
 DEFAULT_FALLBACK_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b", r"lm_head", r"output_layer")
 NAME_ATTR = "_sinkgd_name"  # integrations tag parameters with their module name here
 LAYOUT_KEY = "layout_id"  # param-group key naming a group-level layout (set_layout(group_specs=...))
+# param-group key counting the step() calls that included the group: the "step" of the stochastic-rounding hash.
+# In the group (not a state tensor) so that every checkpoint that saves the inner optimizer's param groups
+# (torch's state_dict, DeepSpeed's rigid and universal checkpoints, megatron_patch's) carries it.
+ROUNDING_STEP_KEY = "rounding_step"
 # group keys that torch, its LR schedulers and our integrations add to groups (accepted, never user settings)
-MANAGED_KEYS = ("param_names", "initial_lr", "differentiable", LAYOUT_KEY)
+MANAGED_KEYS = ("param_names", "initial_lr", "differentiable", LAYOUT_KEY, ROUNDING_STEP_KEY)
 _ENGINE_GROUPS: ContextVar[bool] = ContextVar("sinkgd_ds_engine_groups", default=False)
 
 
@@ -93,22 +98,29 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
 
     #: instance attributes that are configuration or counters (kept by copy.deepcopy and pickle); the rest are
     #: caches derived from these and from param_groups, rebuilt after a copy
-    PERSISTENT = ("_where", "nonfinite", "fallback_patterns", "split_by_kind", "implementation", "_skipped_steps",
-                  "_last_step_skipped", "last_skipped", "_layout_specs", "_group_layouts", "_consensus_group")
+    PERSISTENT = ("_where", "nonfinite", "fallback_patterns", "split_by_kind", "implementation", "stochastic_rounding",
+                  "rounding_seed", "_skipped_steps", "_last_step_skipped", "last_skipped", "_layout_specs",
+                  "_group_layouts", "_consensus_group")
 
     #: whether the class can keep a step's non-finite verdict on the device (SWAN's whitening reads its own)
     DEVICE_VERDICT = True
     #: whether the class handles matrices whose rows or columns are cut by tensor parallelism
     TENSOR_PARALLEL = True
 
+    #: constructor options every subclass accepts besides its group keys
+    OPTIONS = ("implementation", "stochastic_rounding", "rounding_seed")
+
     def __init__(self, params: Any, defaults: dict[str, Any], fallback_patterns: Sequence[str] | None = None,
-                 nonfinite: str = "step", config: dict[str, Any] | None = None, implementation: str = "auto"):
+                 nonfinite: str = "step", config: dict[str, Any] | None = None, implementation: str = "auto",
+                 stochastic_rounding: bool = True, rounding_seed: int = 0):
         # Nothing is set on self before Optimizer.__init__: when the optimizer is built inside a function that
         # torch.compile traces, attributes stored before it are lost. Everything is checked first (on locals),
         # torch adds the groups as given, then _configure (run eagerly) sets the attributes and routes them.
         where = f"{type(self).__name__}()"
         nonfinite = hp.one_of(where, "nonfinite", nonfinite, self.NONFINITE_MODES)
         backends.check_implementation(where, implementation)
+        hp.boolean(where, "stochastic_rounding", stochastic_rounding)
+        hp.int_in_range(where, "rounding_seed", rounding_seed, 0, SEED_LIMIT - 1)
         if isinstance(defaults.get("betas"), list):  # (JSON configs give a list)
             defaults = {**defaults, "betas": tuple(defaults["betas"])}
         patterns = DEFAULT_FALLBACK_PATTERNS if fallback_patterns is None else fallback_patterns
@@ -122,7 +134,8 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
         split = _ENGINE_GROUPS.get()
         super().__init__(params, defaults)
         self._configure(dict(nonfinite=nonfinite, fallback_patterns=tuple(patterns), split_by_kind=split,
-                             implementation=implementation, **(config or {})))
+                             implementation=implementation, stochastic_rounding=stochastic_rounding,
+                             rounding_seed=rounding_seed, **(config or {})))
 
     @torch._disable_dynamo
     def _configure(self, config: dict[str, Any]) -> None:
@@ -276,6 +289,7 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        param_group = {ROUNDING_STEP_KEY: 0, **param_group}  # (a new group starts counting; a re-added one goes on)
         where = f"{self._where} param group {len(self.param_groups)}"
         if "params" not in param_group:
             raise ValueError(f"{where}: a param group needs a 'params' key")
@@ -527,7 +541,7 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
 
     def _adamw_apply(self, group: dict[str, Any], params: list[torch.Tensor],
                      found_inf: torch.Tensor | None = None) -> None:
-        adamw_step(self.state, group, params, found_inf)
+        adamw_step(self.state, group, params, found_inf, self.rounding(group), self._label)
 
     # ------------------------------------------------------------------ the step
     @hooked_step
@@ -541,7 +555,16 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
         finally:
             if self._dtensor_specs:
                 self._release_dtensor_grads()
+        for group in self.param_groups:  # (skipped steps count too: every rank counts alike)
+            group[ROUNDING_STEP_KEY] = group.get(ROUNDING_STEP_KEY, 0) + 1
         return loss
+
+    def rounding(self, group: dict[str, Any]) -> StochasticRounding | None:
+        """How this step rounds updates written into bf16 tensors of ``group``: stochastically, keyed by the
+        optimizer's seed and the group's step counter, or (None) to nearest."""
+        if not self.stochastic_rounding:
+            return None
+        return StochasticRounding(self.rounding_seed, group.get(ROUNDING_STEP_KEY, 0))
 
     def _step(self) -> None:
         self.last_comm = CommStats()

@@ -40,17 +40,18 @@ class SCALE(MatrixOptimizer):
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  head_patterns=HEAD_PATTERNS, embed_patterns=EMBED_PATTERNS, implementation: str = "auto",
-                 **unknown: Any):
+                 stochastic_rounding: bool = True, rounding_seed: int = 0, **unknown: Any):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
-                                [*self.GROUP_KEYS, "head_patterns", "embed_patterns", "implementation"])
+                                [*self.GROUP_KEYS, "head_patterns", "embed_patterns", *self.OPTIONS])
         hp.regex_list(f"{type(self).__name__}()", "head_patterns", head_patterns)
         hp.regex_list(f"{type(self).__name__}()", "embed_patterns", embed_patterns)
         defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, weight_decay=weight_decay,
                         betas=betas, eps=eps, kind=None)
         super().__init__(params, defaults, fallback_patterns=(r"(?!)",),  # nothing 2-D falls back by name
                          config=dict(head_patterns=tuple(head_patterns), embed_patterns=tuple(embed_patterns)),
-                         implementation=implementation)
+                         implementation=implementation, stochastic_rounding=stochastic_rounding,
+                         rounding_seed=rounding_seed)
 
     PERSISTENT = (*MatrixOptimizer.PERSISTENT, "head_patterns", "embed_patterns")
 
@@ -89,7 +90,7 @@ class SCALE(MatrixOptimizer):
 
     def _apply_matrices(self, group, plan, gate=None):
         if group["kind"] != SCALE_HEAD:
-            apply_normalized(group, plan, gate)
+            apply_normalized(self, group, plan, gate)
             return
         beta = group["momentum"]
         for p in group["params"]:
@@ -106,5 +107,5 @@ class SCALE(MatrixOptimizer):
                                                  st[HEAD_STATE].lerp(p.grad.to(p.dtype), 1.0 - beta)))
         group_plan = prepare_normalized(self, {**group, "params": [p for p in group["params"] if p.grad is not None]},
                                         ("row",), direction=self._momentum)
-        apply_normalized(group, group_plan, gate)
+        apply_normalized(self, group, group_plan, gate)
 

@@ -7,6 +7,9 @@ Defaults and where they come from (the README's optimizer table lists them too):
   sinkhorn_iters=5  L, the paper's value
   weight_decay=0    the paper uses none; decoupled, scaled by each group's own step size
   betas=(0.9, 0.999), eps=1e-8   AdamW fallback (torch defaults)
+  stochastic_rounding=True  updates written into bf16 weights round stochastically (unbiased: pure-bf16
+                    training keeps updates smaller than half a bf16 step, which round-to-nearest loses);
+                    fp32 weights are unaffected. rounding_seed=0 keys its hash (``sinkgd_ds.rounding``).
   nonfinite="step"  a non-finite gradient anywhere skips the whole step, weights and state (as GradScaler,
                     DeepSpeed and Megatron skip overflowed steps). "matrix": only the matrices / fallback
                     parameters whose gradients are non-finite are left unchanged, and each matrix is updated
@@ -43,7 +46,8 @@ def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, di
     specs = matrices_with_gradients(opt, group)
     batch = opt.matrix_batch(specs, direction)
     if final and not opt._device_mode:
-        applied = batch.step_(schedule, matrix_step_size(group), group["weight_decay"], stats=opt.last_comm)
+        applied = batch.step_(schedule, matrix_step_size(group), group["weight_decay"], stats=opt.last_comm,
+                              rounding=opt.rounding(group))
         return {"specs": specs, "batch": batch, "nonfinite": not applied, "applied": applied}
     batch.normalize(schedule, opt.last_comm)
     if opt._device_mode:  # (the verdict stays on the device)
@@ -51,10 +55,11 @@ def prepare_normalized(opt: MatrixOptimizer, group: dict[str, Any], schedule, di
     return {"specs": specs, "batch": batch, "nonfinite": not batch.all_finite()}
 
 
-def apply_normalized(group: dict[str, Any], plan: dict[str, Any], gate=None) -> None:
+def apply_normalized(opt: MatrixOptimizer, group: dict[str, Any], plan: dict[str, Any], gate=None) -> None:
     """Write every matrix's update (one native call for the whole group on CPU, one launch on CUDA); ``gate``:
     the step's verdict on the device (nonzero: nothing is written)."""
-    plan["batch"].apply_(matrix_step_size(group), group["weight_decay"], recheck=False, gate=gate)
+    plan["batch"].apply_(matrix_step_size(group), group["weight_decay"], recheck=False, gate=gate,
+                         rounding=opt.rounding(group))
 
 
 class SinkGD(MatrixOptimizer):
@@ -71,13 +76,15 @@ class SinkGD(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, sinkhorn_iters: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fallback_patterns=None, nonfinite: str = "step", implementation: str = "auto", **unknown: Any):
+                 fallback_patterns=None, nonfinite: str = "step", implementation: str = "auto",
+                 stochastic_rounding: bool = True, rounding_seed: int = 0, **unknown: Any):
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
-                                [*self.GROUP_KEYS, "fallback_patterns", "nonfinite", "implementation"])
+                                [*self.GROUP_KEYS, "fallback_patterns", "nonfinite", *self.OPTIONS])
         defaults = dict(lr=lr, lr_scale=lr_scale, sinkhorn_iters=sinkhorn_iters, weight_decay=weight_decay,
                         betas=betas, eps=eps, kind=None)
-        super().__init__(params, defaults, fallback_patterns, nonfinite, implementation=implementation)
+        super().__init__(params, defaults, fallback_patterns, nonfinite, implementation=implementation,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         if key == "sinkhorn_iters":
@@ -89,14 +96,14 @@ class SinkGD(MatrixOptimizer):
         return prepare_normalized(self, group, ("row", "col") * group["sinkhorn_iters"], final=final)
 
     def _apply_matrices(self, group, plan, gate=None):
-        apply_normalized(group, plan, gate)
+        apply_normalized(self, group, plan, gate)
 
     def _step_matrices_skipping(self, group):
         # each matrix is updated right after its own normalisation, while its G is still in cache
         specs = matrices_with_gradients(self, group)
         batch = self.matrix_batch(specs, grad_of)
         if batch.step_(("row", "col") * group["sinkhorn_iters"], matrix_step_size(group),
-                       group["weight_decay"], stats=self.last_comm, per_matrix=True):
+                       group["weight_decay"], stats=self.last_comm, per_matrix=True, rounding=self.rounding(group)):
             return []
         return [s.name for s, sc in zip(specs, batch.scales) if not sc.finite]
 

@@ -78,14 +78,17 @@ class SWAN(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 0.02, lr_scale: float = 0.05, ns_steps: int = 5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fallback_patterns=None, implementation: str = "auto", **unknown: Any):
-        # (``implementation`` is accepted as by every optimizer here; SWAN's whitening itself runs in torch)
+                 fallback_patterns=None, implementation: str = "auto", stochastic_rounding: bool = True,
+                 rounding_seed: int = 0, **unknown: Any):
+        # (``implementation`` is accepted as by every optimizer here; SWAN's whitening itself runs in torch, and
+        # so does its update, stochastic rounding included: the same bits as the engine's)
         if unknown:
             hp.check_known_keys(f"{type(self).__name__}()", unknown,
-                                [*self.GROUP_KEYS, "fallback_patterns", "implementation"])
+                                [*self.GROUP_KEYS, "fallback_patterns", *self.OPTIONS])
         defaults = dict(lr=lr, lr_scale=lr_scale, ns_steps=ns_steps, weight_decay=weight_decay,
                         betas=betas, eps=eps, kind=None)
-        super().__init__(params, defaults, fallback_patterns, implementation=implementation)
+        super().__init__(params, defaults, fallback_patterns, implementation=implementation,
+                         stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         if key == "ns_steps":
@@ -105,4 +108,4 @@ class SWAN(MatrixOptimizer):
         for spec in plan["specs"]:
             full = gather_matrix(spec, grad_of)
             update = blockwise_direction(full, spec.blocks, group["ns_steps"])
-            apply_dense_update_(spec, update, matrix_step_size(group), group["weight_decay"])
+            apply_dense_update_(spec, update, matrix_step_size(group), group["weight_decay"], self.rounding(group))
