@@ -103,14 +103,16 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-megatron-{args.optimizer}-tp{tp}"
     runstate.prepare_out_dir(out, args.resume, args.overwrite)
-    # A resume must match all of it: TP / DP / distributed-optimizer resharding of these checkpoints is not tested
     identity = {"engine": "megatron", "model": m, "vocab_size": data.vocab_size, "data_sha256": data.sha256,
                 "optimizer": args.optimizer, "precision": "bf16" if args.bf16 else "fp32", "tensor_parallel": tp,
                 "data_parallel": dp, "distributed_optimizer": args.use_distributed_optimizer}
     plan = {"run": run, "data": data, "out": out, "world": world, "dp": dp, "model_name": model_name,
             "identity": identity, "resume_from": None, "rejected": {}}
     if args.resume:
-        plan["resume_from"], plan["rejected"] = runstate.select_resume(out, identity, args.resume_fallback)
+        # TP and DP may change (distributed checkpoints reshard; docs/megatron.md), switching the optimizer kind not
+        must = ("engine", "model", "vocab_size", "data_sha256", "optimizer", "precision", "distributed_optimizer")
+        plan["resume_from"], plan["rejected"] = runstate.select_resume(
+            out, {k: identity[k] for k in must}, args.resume_fallback)
     return plan
 
 

@@ -98,7 +98,8 @@ def test_stop_then_resume_reproduces_the_straight_run_exactly(tmp_path, dp2):
 def test_sigkill_in_a_save_then_resume_exactly_and_damage_is_refused(tmp_path, dp2, monkeypatch):
     """Issue 18 on this entry: rank 1 SIGKILLs itself inside the save of step 4 (checkpoints every 2 steps): step 4
     stays invisible, --resume continues from step 2 and ends with the straight run's losses bit for bit. A truncated
-    file of the kept checkpoint is refused before any process group, naming it; the engine's identity too."""
+    file of the kept checkpoint is refused before any process group, naming it; so is switching the distributed
+    optimizer off."""
     from launch import manifest
 
     straight = dp2[1]
@@ -114,8 +115,8 @@ def test_sigkill_in_a_save_then_resume_exactly_and_damage_is_refused(tmp_path, d
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=f"{victim}: truncated to {len(whole) - 1} bytes"):
         prepare(parse_args([*ARGS, "--out", str(tmp_path / "killed"), "--resume", *args]))
-    with pytest.raises(ConfigError, match="tensor_parallel is 1 in the checkpoint, 2 in this run"):
-        prepare(parse_args([*ARGS, "--out", str(tmp_path / "killed"), "--resume", "--tp", "2", *args]))
+    with pytest.raises(ConfigError, match="distributed_optimizer is True in the checkpoint, False in this run"):
+        prepare(parse_args([*ARGS, "--out", str(tmp_path / "killed"), "--resume", "--save_every", "2"]))
     victim.write_bytes(whole)
     resumed = run(tmp_path, "killed", [*args, "--resume"])
     assert (resumed["resumed_from"], resumed["step"]) == (2, 6)
