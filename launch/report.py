@@ -99,11 +99,21 @@ def format_summary(s: dict[str, Any]) -> str:
         f"train loss  {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}" if s["losses"] else "train loss  n/a",
         f"val loss    {val}",
         f"peak memory {' / '.join(mib)} MiB per rank ({s['memory_kind']})",
+        *([format_memory(s["memory"]["per_rank"])] if s.get("memory") else []),
         f"loss curve  {s['plot']}",
         f"checkpoint  {s['checkpoint'] or 'none'}",
         f"logs        {s['logs']}",
     ]
     return "\n".join(lines)
+
+
+def format_memory(per_rank: list[dict[str, int]]) -> str:
+    """The busiest rank's engine tensors by category (sinkgd_ds.memory.account)."""
+    top = max(per_rank, key=lambda m: m["total"])
+    parts = [("weights", "weights"), ("gradients", "grads"), ("master_weights", "masters"),
+             ("optimizer_state_matrices", "matrix opt. state"), ("optimizer_state_adamw", "AdamW state")]
+    return (f"tensors     {top['total'] / 2**20:.1f} MiB on the busiest rank: "
+            + ", ".join(f"{label} {top[key] / 2**20:.1f}" for key, label in parts))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

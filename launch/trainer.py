@@ -73,6 +73,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
     import deepspeed
 
     import sinkgd_ds  # noqa: F401  - registers "SinkGD" / "SCALE" / "SWAN" as DeepSpeed optimizer types
+    from sinkgd_ds.memory import account
 
     run, ds_cfg, data, out = plan["run"], plan["ds"], plan["data"], plan["out"]
     data: TokenData
@@ -114,7 +115,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
               f"{seq} tokens (micro {micro} x accumulation {gas} x {getattr(engine, 'data_parallel_size', world)} "
               f"data-parallel ranks)\nrun dir: {out}", flush=True)
     bar = report.progress_bar(t["steps"], state["step"], rank == 0 and not args.no_progress)
-    stopped_by, run_tokens, train_time, last_ckpt, rss = None, 0, 0.0, None, []
+    stopped_by, run_tokens, train_time, last_ckpt, rss, memory, run_steps = None, 0, 0.0, None, [], None, 0
     rows_per_rank = micro
     dp_rank, dp_world = getattr(engine, "data_parallel_rank", rank), getattr(engine, "data_parallel_size", world)
     while state["step"] < t["steps"]:
@@ -126,6 +127,8 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
             ids = train_batch(data, t["seed"], step, batch, seq, slice(first, first + micro)).to(engine.device)
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
+            if m == gas - 1 and (run_steps == 1 or state["step"] + 1 == t["steps"]) and memory is None:
+                memory = account(engine)  # (gradients held, optimizer state created by an earlier step)
             engine.step()
             loss_sum += float(loss.detach())
         if skips_so_far(engine) > skips_before:  # (non-finite gradients: no weight or state changed)
@@ -136,6 +139,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
         train_time += dt
         step_loss = total / world
         state["step"] = step + 1
+        run_steps += 1
         state["losses"].append(step_loss)
         state["tokens"] += batch * seq
         run_tokens += batch * seq
@@ -163,14 +167,16 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
                 report.announce_stop(bar, rank, stopped_by, state["step"], last_ckpt)
                 break
     bar.close()
-    return finish(plan, args, engine, state, params, resumed_from, stopped_by, run_tokens, train_time, last_ckpt, rss)
+    return finish(plan, args, engine, state, params, resumed_from, stopped_by, run_tokens, train_time, last_ckpt, rss,
+                  memory)
 
 
 def finish(plan: dict[str, Any], args: argparse.Namespace, engine: Any, state: dict[str, Any], params: int,
            resumed_from: int | None, stopped_by: str | None, run_tokens: int, train_time: float,
-           last_ckpt: Path | None, rss: list[tuple[int, int]]) -> int:
+           last_ckpt: Path | None, rss: list[tuple[int, int]], memory: dict[str, int] | None) -> int:
     run, out, ds_cfg = plan["run"], plan["out"], plan["ds"]
     peaks = report.gather_peak_memory()
+    memory_by_rank = report.gather_objects(memory)
     rss_by_rank = report.gather_objects(rss)
     if dist.get_rank() == 0:
         val = state["val"][-1][1] if state["val"] else None
@@ -187,6 +193,9 @@ def finish(plan: dict[str, Any], args: argparse.Namespace, engine: Any, state: d
             "losses": state["losses"], "val": state["val"], "val_loss": val,
             "val_ppl": report.perplexity(val) if val is not None else None, "peak_memory_bytes": peaks,
             "skipped_steps": state["skipped"], "resident_bytes_by_step": rss_by_rank,
+            "memory": {"per_rank": memory_by_rank, "kind": "engine tensors by category (sinkgd_ds.memory), "
+                       "measured before the optimizer step of the run's second (or last) step"}
+            if all(memory_by_rank) else None,
             "memory_kind": "GPU max allocated" if torch.cuda.is_available() else "CPU peak RSS",
             "plot": str(plot), "checkpoint": str(last_ckpt), "logs": logs, "data_sha256": state["data_sha256"],
         }
