@@ -40,7 +40,7 @@ DEFAULT_LR = {**dict.fromkeys(registry_keys(), 0.02), "adam": 1e-3}  # as config
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b (configs/models) or a JSON path")
+    ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b (configs/models) or a JSON path")
     ap.add_argument("--data", default=None, help="as launch/pretrain.py (sets data.source)")
     ap.add_argument("--steps", type=int, default=None, help="sets train.steps")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

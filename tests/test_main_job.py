@@ -105,6 +105,18 @@ def test_bad_input_is_named_before_any_process_group(tmp_path):
     bad(["--data", str(tmp_path / "empty.txt"), *out], corpus.DataError, r"the corpus is empty")
     bad(["--data", "hf:" + str(tmp_path), *out], corpus.DataError, r"datasets|no such")
     bad(["--data", "megatron:" + str(tmp_path / "c4"), *out], corpus.DataError, r"no such file .*c4\.bin")
+    stage0 = tmp_path / "zero0.json"
+    stage0.write_text(json.dumps({**json.loads((ROOT / cfg).read_text()), "zero_optimization": {"stage": 0}}))
+    bad(["--deepspeed_config", str(stage0), "--pure_bf16", *out], ConfigError,
+        r"--pure_bf16 needs ZeRO stage 1, 2 or 3 .*zero_optimization\.stage=0")
+
+
+def test_pure_bf16_asks_deepspeed_for_bf16_masters_gradients_and_state(tmp_path):
+    plan = prepare(parse_args(["--pure_bf16", "--out", str(tmp_path / "run")]))
+    assert plan["ds"]["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True,
+                                  "bf16_optimizer_states": True}
+    assert plan["identity"]["precision"] == "pure-bf16"
+    assert prepare(parse_args(["--bf16", "--out", str(tmp_path / "b")]))["identity"]["precision"] == "bf16"
 
 
 def test_bad_input_under_the_launcher_fails_before_init():
