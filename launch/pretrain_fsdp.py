@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", dest="deepspeed_config", default=str(ROOT / "configs" / "zero2_sinkgd.json"),
                     help="JSON with optimizer, scheduler, micro batch, clipping, bf16 (default: %(default)s)")
-    ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b (configs/models) or a JSON path")
+    ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b (configs/models) or a JSON")
     ap.add_argument("--data", default=None, help="as launch/pretrain.py (sets data.source)")
     ap.add_argument("--steps", type=int, default=None, help="sets train.steps")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -40,7 +40,7 @@ DEFAULT_LR = {**dict.fromkeys(registry_keys(), 0.02), "adam": 1e-3}  # as config
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b (configs/models) or a JSON path")
+    ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b (configs/models) or a JSON")
     ap.add_argument("--data", default=None, help="as launch/pretrain.py (sets data.source)")
     ap.add_argument("--steps", type=int, default=None, help="sets train.steps")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -247,6 +247,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
 
     from launch import report, runstate
     from launch.data import train_batch, val_windows
+    from sinkgd_ds.memory import account
 
     run, data, out, dp = plan["run"], plan["data"], plan["out"], plan["dp"]
     t, ev = run["train"], run["eval"]
@@ -292,7 +293,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
     runstate.install_signal_handlers()
     windows = val_windows(data, seq, ev["sequences"]) if ev["every"] else None
     bar = report.progress_bar(t["steps"], state["step"], rank == 0 and not args.no_progress)
-    stopped_by, train_time, first_step = None, 0.0, state["step"]
+    stopped_by, train_time, first_step, memory = None, 0.0, state["step"], None
     while state["step"] < t["steps"]:
         t0, step, loss_sum = time.perf_counter(), state["step"], 0.0
         ddp.zero_grad_buffer()
@@ -303,6 +304,8 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             (loss / gas).backward()
             loss_sum += float(loss.detach())
         ddp.finish_grad_sync()
+        if memory is None and (step == first_step + 1 or step + 1 == t["steps"]):
+            memory = account(opt, ddp)  # (gradients held, optimizer state created by an earlier step)
         lr = inner.param_groups[0]["lr"]
         ok, _, _ = opt.step()
         sched.step(increment=1)
@@ -333,6 +336,7 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             break
     bar.close()
     peaks = report.gather_peak_memory()
+    memory_by_rank = report.gather_objects(memory)
     if rank == 0:
         val = state["val"][-1][1] if state["val"] else None
         tokens = (state["step"] - first_step) * batch * seq
@@ -348,6 +352,8 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
             "memory_kind": "GPU max allocated" if cuda else "CPU peak RSS", "plot": str(plot),
             "checkpoint": str(last_ckpt) if last_ckpt else None,
             "logs": None, "data_sha256": data.sha256, "skipped_steps": state["skipped"],
+            "memory": {"per_rank": memory_by_rank, "kind": "engine tensors by category (sinkgd_ds.memory), measured "
+                       "before the optimizer step of the run's second (or last) step"} if all(memory_by_rank) else None,
         }
         print(report.format_summary(summary), flush=True)
         report.write_json(out / "summary.json", summary)

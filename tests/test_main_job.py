@@ -157,6 +157,9 @@ def test_train_sigterm_and_exact_resume(tmp_path):
     assert full["tokens"] == STEPS * 8 * 256
     assert full["val_ppl"] == pytest.approx(np.exp(full["val_loss"]))
     assert len(full["peak_memory_bytes"]) == 2 and min(full["peak_memory_bytes"]) > 0
+    for m in full["memory"]["per_rank"]:  # (fp32 weights whole on each ZeRO-2 rank; SinkGD matrices keep no state)
+        assert m["weights"] == 4 * full["params"] and m["optimizer_state_matrices"] == 0
+        assert m["total"] == sum(v for k, v in m.items() if k != "total") and m["optimizer_state_adamw"] > 0
     assert (full_dir / "loss.png").stat().st_size > 10_000
     logs = full_dir / "logs"
     assert len((logs / "csv" / "Train_Steps_loss.csv").read_text().splitlines()) == STEPS + 1

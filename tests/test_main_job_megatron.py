@@ -75,6 +75,8 @@ def test_two_ranks_loss_falls_tp2_and_dp2_distopt_agree(tmp_path, dp2):
         assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, losses  # 8.33 -> 6.53 measured
         assert s["val_loss"] is not None and s["val_loss"] < losses[0]
         assert (d / "loss.png").is_file() and s["checkpoint"] == str(d / "checkpoints/step6")
+        ranks = s["memory"]["per_rank"]
+        assert len(ranks) == 2 and all(m["optimizer_state_matrices"] == 0 < m["optimizer_state_adamw"] for m in ranks)
     # the same global batches and the same full initial weights: the two layouts train the same model
     assert tp2["losses"] == pytest.approx(dp2["losses"], rel=1e-4)
     assert tp2["val_loss"] == pytest.approx(dp2["val_loss"], rel=1e-4)
