@@ -230,6 +230,22 @@ def leave(rc: int) -> None:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
+    release_deepspeed_shm()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def release_deepspeed_shm() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer. DeepSpeed 0.19.8's shm comm op creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (66 MB per rank) and never unlinks it (its
+    shared_close is never called), so every CPU run would leave that much RAM behind. Called once every rank is past
+    the final barrier (the mappings stay valid until the processes exit)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return
+    for rank in {os.environ.get("LOCAL_RANK"), os.environ.get("RANK")} - {None}:
+        try:
+            os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+        except OSError:
+            pass
