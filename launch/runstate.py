@@ -226,11 +226,13 @@ def leave(rc: int) -> None:
     """End a rank whose process group is down and whose files are written, without interpreter finalization: a
     gloo worker thread that releases a Python-owned tensor while the interpreter finalizes aborts the rank
     ("terminate called without an active exception"; about 1 run in 10-30 on one node, every run under mpirun
-    across nodes). Under mpirun, MPI is finalized first if mpi4py started it."""
+    across nodes). Under mpirun, MPI is finalized first if mpi4py started it; helper processes this rank started
+    (megatron-core's checkpoint writer runs a multiprocessing Manager) are stopped, as interpreter exit would."""
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
     release_deepspeed_shm()
+    stop_helper_processes()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
@@ -249,3 +251,13 @@ def release_deepspeed_shm() -> None:
             os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
         except OSError:
             pass
+
+
+def stop_helper_processes() -> None:
+    """Terminate and reap this rank's multiprocessing children, as multiprocessing's exit handlers would (os._exit
+    skips them): left running they outlive the job and hold its output pipes open."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=5)
