@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = {"val_within_2pct": abs(sr["vs_fp32_masters"]) <= 0.02}
     if memory:
         lines += ["", f"Bytes per parameter, 60m shape ({memory[0]['params'] / 1e6:.1f}M params with the 4096-token "
-                  "vocabulary), one rank, after one step:", "",
+                  "vocabulary), one rank, measured before the optimizer step of the second step:", "",
                   "| run | weights | gradients | master | matrix opt. state | AdamW state | total | "
                   "weights + grads + matrix state |", "|---|---|---|---|---|---|---|---|"]
         for r in memory:
