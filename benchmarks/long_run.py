@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: make `launch` importable
+
+from launch.local_jobs import run_main_job  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,28 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: argparse.Namespace, out: Path, faults: dict[str, str]) -> dict[str, Any]:
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.world), "--master_port",
-           str(free_port()), "tools/inject_faults.py", "launch/pretrain.py", "--deepspeed_config", args.config,
-           "--model", "tiny", "--steps", str(args.steps), "--set", f"eval.every={args.every}",
-           "--set", f"checkpoint.every={args.every}", "--set", "checkpoint.keep=0", "--set", "train.log_every=10",
-           "--no_progress", "--overwrite", "--out", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **faults}
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(out.parent / f"{out.name}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise SystemExit(f"{out.name} run failed (rc {rc}): see {out.parent / f'{out.name}.log'}")
-    summary = json.loads((out / "summary.json").read_text())
-    summary["wall_seconds"] = time.perf_counter() - t0
-    return summary
+    return run_main_job(out, args.world, [
+        "--deepspeed_config", args.config, "--model", "tiny", "--steps", str(args.steps),
+        "--set", f"eval.every={args.every}", "--set", f"checkpoint.every={args.every}", "--set", "checkpoint.keep=0",
+        "--set", "train.log_every=10"], script=("tools/inject_faults.py", "launch/pretrain.py"), env=faults)
 
 
 def nonfinite_tensors(obj: Any, where: str = "") -> list[str]:

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: make `launch` importable
+
+from launch.local_jobs import run_main_job  # noqa: E402
+
 CATEGORIES = ("weights", "gradients", "master_weights", "optimizer_state_matrices", "optimizer_state_adamw", "total")
 
 
@@ -45,27 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 10:
         ap.error(f"--steps={args.steps} must be >= 10")
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_job(out: Path, world: int, args: list[str]) -> dict[str, Any]:
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_port",
-           str(free_port()), "launch/pretrain.py", *args, "--no_progress", "--overwrite", "--out", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(out.parent / f"{out.name}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise SystemExit(f"{out.name} failed (rc {rc}): see {out.parent / f'{out.name}.log'}")
-    summary = json.loads((out / "summary.json").read_text())
-    summary["wall_seconds"] = time.perf_counter() - t0
-    return summary
 
 
 def derived_config(base: str, dest: Path, **params: Any) -> str:
@@ -86,7 +65,7 @@ def loss_runs(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     rows = []
     for i, (name, config, extra) in enumerate(variants):
         print(f"[{i + 1}/{len(variants)}] {name}", flush=True)
-        s = run_job(root / f"loss{i}", args.world, ["--deepspeed_config", config, *common, *extra])
+        s = run_main_job(root / f"loss{i}", args.world, ["--deepspeed_config", config, *common, *extra])
         rows.append({"run": name, "val_loss": s["val_loss"], "val": s["val"], "final_train_loss": s["losses"][-1],
                      "skipped_steps": len(s.get("skipped_steps", [])), "wall_seconds": s["wall_seconds"]})
     return rows
@@ -101,7 +80,7 @@ def memory_runs(root: Path) -> list[dict[str, Any]]:
     rows = []
     for i, (name, config, extra) in enumerate(variants):
         print(f"[memory {i + 1}/{len(variants)}] {name}", flush=True)
-        s = run_job(root / f"memory{i}", 1, ["--deepspeed_config", config, *common, *extra])
+        s = run_main_job(root / f"memory{i}", 1, ["--deepspeed_config", config, *common, *extra])
         (rank0,) = s["memory"]["per_rank"]
         rows.append({"run": name, "params": s["params"],
                      **{f"{c}_per_param": rank0[c] / s["params"] for c in CATEGORIES}})
@@ -114,7 +93,6 @@ def plain_torch_pure_bf16() -> dict[str, Any]:
     """The plain-torch recipe (docs/precision.md): model.bfloat16(), SinkGD, two steps, no master anywhere."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from launch.config import load_run_config
     from launch.trainer import build_model
     from sinkgd_ds import SinkGD

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `launch` importable
 
 from launch.config import MODELS_DIR, ROOT, ConfigError, load_run_config, model_file, read_json  # noqa: E402
+from launch.local_jobs import free_port  # noqa: E402
 
 LAUNCHER = ROOT / "launch" / "run_deepspeed.sh"
 RECORD = "compare_run.json"  # what compare.py knows about a run directory: its settings, wall time
@@ -365,12 +365,6 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- running one job
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def model_arg(model: str) -> str:
     """A configs/models name as is (the logged command stays readable), a JSON path made absolute (the launcher
     runs in the repo root)."""

@@ -52,9 +52,7 @@ def gather_objects(value: Any) -> list[Any]:
 
 
 def gather_peak_memory() -> list[int]:
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, peak_memory_bytes())
-    return [int(x) for x in out]
+    return [int(x) for x in gather_objects(peak_memory_bytes())]
 
 
 def plot_losses(path: Path, train: list[float], val: list[tuple[int, float]], title: str) -> Path:

@@ -238,6 +238,11 @@ def leave(rc: int) -> None:
     os._exit(rc)
 
 
+def deepspeed_shm_prefix() -> str:
+    """Where DeepSpeed's CPU shm comm op puts this user's allreduce buffers (``<prefix><addr>_<port>_<rank>``)."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+
+
 def release_deepspeed_shm() -> None:
     """Unlink this rank's DeepSpeed CPU shared-memory allreduce buffer. DeepSpeed 0.19.8's shm comm op creates
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (66 MB per rank) and never unlinks it (its
@@ -248,7 +253,7 @@ def release_deepspeed_shm() -> None:
         return
     for rank in {os.environ.get("LOCAL_RANK"), os.environ.get("RANK")} - {None}:
         try:
-            os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+            os.unlink(f"{deepspeed_shm_prefix()}{addr}_{port}_{rank}")
         except OSError:
             pass
 

@@ -31,7 +31,9 @@ def pytest_sessionfinish(session, exitstatus):
     DeepSpeed 0.19.8 never unlinks them; test workers and killed ranks do not reach launch/runstate.leave)."""
     import glob
 
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"):
+    from launch.runstate import deepspeed_shm_prefix
+
+    for path in glob.glob(f"{deepspeed_shm_prefix()}*"):
         try:
             if _SESSION_START is not None and os.stat(path).st_mtime >= _SESSION_START - 1:
                 os.unlink(path)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
 import subprocess
 import tempfile
 import traceback
@@ -15,11 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launch.local_jobs import free_port, kill_marked
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "run_job", "spawn"]
 
 
 def _entry(rank, world, port, fn, args, queue):
@@ -84,17 +80,7 @@ def run_job(cmd: list[str], cwd, env: dict, timeout: float) -> subprocess.Comple
             rc = proc.wait(timeout=timeout)
         finally:
             proc.kill()
-            _kill_marked(f"SINKGD_DS_TEST_JOB={marker}".encode())
+            kill_marked(f"SINKGD_DS_TEST_JOB={marker}".encode())
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
-
-
-def _kill_marked(entry: bytes) -> None:
-    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if entry in f.read().split(b"\0"):
-                    os.kill(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass

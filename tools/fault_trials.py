@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launch import manifest  # noqa: E402
+from launch.local_jobs import CPU_ENV, free_port, kill_marked, marked_processes  # noqa: E402
 
 STEP_LINE = re.compile(r"^step\s+(\d+)\s+loss", re.M)
 
@@ -57,12 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job_command(args: argparse.Namespace, out: Path) -> list[str]:
     torchrun = str(Path(sys.executable).parent / "torchrun")
     common = ["--model", "tiny", "--steps", str(args.steps), "--set", f"eval.every={max(1, args.steps // 2)}",
@@ -83,9 +77,10 @@ class Job:
     """One launch, its output in <out>.log, every process it starts marked in its environment."""
 
     def __init__(self, cmd: list[str], log: Path):
-        self.marker = f"SINKGD_DS_FAULT_JOB={uuid.uuid4().hex}".encode()
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore", "SINKGD_DS_FAULT_JOB": self.marker.split(b"=")[1].decode()}
+        marker = uuid.uuid4().hex
+        self.marker = f"SINKGD_DS_FAULT_JOB={marker}".encode()
+        env = {**os.environ, **CPU_ENV, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+               "SINKGD_DS_FAULT_JOB": marker}
         self.log = log
         self.file = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.file, stderr=subprocess.STDOUT, text=True)
@@ -95,21 +90,9 @@ class Job:
         return int(found[-1]) if found else 0
 
     def rank_pid(self, rank: int) -> int | None:
-        """The training process of ``rank`` (its environment carries RANK and our marker, and LOCAL_RANK)."""
-        ranks = [pid for pid, env in self._marked() if f"RANK={rank}".encode() in env]
+        """The training process of ``rank`` (its environment carries RANK and our marker)."""
+        ranks = [pid for pid, env in marked_processes(self.marker) if f"RANK={rank}".encode() in env]
         return min(ranks) if ranks else None  # (the rank starts before any helper it forks)
-
-    def _marked(self):
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except OSError:
-                continue
-            if self.marker in env:
-                yield int(d), env
 
     def finish(self, timeout: float) -> int:
         try:
@@ -117,11 +100,7 @@ class Job:
         except subprocess.TimeoutExpired:
             rc = -1
         self.proc.kill()
-        for pid, _ in self._marked():  # (helpers a killed rank orphaned)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_marked(self.marker)  # (helpers a killed rank orphaned)
         self.file.close()
         return rc
 
