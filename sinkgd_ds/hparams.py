@@ -31,6 +31,20 @@ def _number(where: str, key: str, value: Any) -> float:
     return float(value)
 
 
+def learning_rate(where: str, key: str, value: Any) -> float:
+    """A learning rate: a number >= 0, or (as torch's optimizers accept, so that torch.compile users change it
+    without recompiling) a 1-element tensor holding one; its value is returned."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where}: {key} is a tensor of shape {tuple(value.shape)}: Tensor lr must be 1-element")
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"{where}: {key} is a {value.dtype} tensor; a tensor lr must hold a real number")
+        value = value.item()
+    return non_negative(where, key, value)
+
+
 def non_negative(where: str, key: str, value: Any) -> float:
     v = _number(where, key, value)
     if v < 0:

@@ -71,17 +71,36 @@ def adamw_step(state: dict, group: dict[str, Any], params: list[torch.Tensor],
 
 
 def _adamw(group: dict[str, Any], ps, grads, m, v, steps, found_inf: torch.Tensor | None) -> bool:
-    """torch's AdamW on these lists; False when it skipped on a host-read ``found_inf`` (unfused path)."""
+    """torch's AdamW on these lists; False when it skipped on a host-read ``found_inf`` (unfused path).
+
+    torch's fused kernel reads every tensor as its flat storage in memory order: a non-contiguous parameter,
+    gradient or moment (a strided view, a transposed matrix, a gradient whose strides differ from its
+    parameter's) is stepped on contiguous stand-ins, and the results are written back into the originals."""
     b1, b2 = group["betas"]
     fused = _fused(ps)
     if found_inf is not None and not fused:  # (torch's foreach AdamW has no found_inf: read it here)
         if bool(found_inf.item() > 0):
             return False
         found_inf = None
-    _functional_adamw(ps, grads, m, v, [], steps, foreach=None if fused else True, fused=fused or None,
+    strided = [i for i, ts in enumerate(zip(ps, grads, m, v)) if not all(t.is_contiguous() for t in ts)]
+    lists = (ps, grads, m, v)
+    if strided:
+        lists = tuple(list(ts) for ts in lists)
+        for ts in lists:
+            for i in strided:
+                ts[i] = ts[i].contiguous()
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and not fused:  # (torch's foreach path takes a tensor lr only when capturable)
+        lr = lr.item()
+    _functional_adamw(*lists, [], steps, foreach=None if fused else True, fused=fused or None,
                       found_inf=None if found_inf is None else found_inf.reshape(()).float(),
-                      amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"],
+                      amsgrad=False, beta1=b1, beta2=b2, lr=lr, weight_decay=group["weight_decay"],
                       eps=group["eps"], maximize=False)
+    with torch.no_grad():
+        for i in strided:  # (a skipped step wrote nothing into the stand-ins: the copies write the same values)
+            for original, stand_in in ((ps[i], lists[0][i]), (m[i], lists[2][i]), (v[i], lists[3][i])):
+                if stand_in is not original:
+                    original.copy_(stand_in)
     return True
 
 

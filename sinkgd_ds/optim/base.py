@@ -386,10 +386,11 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
         for key, value in g.items():
             if key in MANAGED_KEYS:
                 continue
-            if key in ("lr", "weight_decay"):
+            if key == "lr":
+                hp.warn_above(where, key, hp.learning_rate(where, key, value), 1.0,
+                              "the papers' global lr is 0.02 (matrices step lr * lr_scale)")
+            elif key == "weight_decay":
                 hp.non_negative(where, key, value)
-                if key == "lr":
-                    hp.warn_above(where, key, value, 1.0, "the papers' global lr is 0.02 (matrices step lr * lr_scale)")
             elif key in ("lr_scale", "eps"):
                 hp.positive(where, key, value)
                 if key == "lr_scale":
@@ -401,8 +402,10 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
                                  f"{', '.join((ADAMW, *self.MATRIX_KINDS))}")
             else:
                 self._validate_extra(where, key, value)
-        if isinstance(g.get("lr"), (int, float)) and isinstance(g.get("weight_decay"), (int, float)):
-            hp.decay_factor(where, g["lr"], g["weight_decay"])
+        lr = g.get("lr")
+        lr = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+        if isinstance(lr, (int, float)) and isinstance(g.get("weight_decay"), (int, float)):
+            hp.decay_factor(where, lr, g["weight_decay"])
 
     def _validate_extra(self, where: str, key: str, value: Any) -> None:
         """Subclass hook for its own keys."""
@@ -704,8 +707,10 @@ def _check_naming(params: list, owner: str) -> None:
 
 
 def matrix_step_size(group: dict[str, Any]) -> float:
-    """The step a matrix takes: the group's lr (which schedulers set) times its lr_scale."""
-    return group["lr"] * group["lr_scale"]
+    """The step a matrix takes: the group's lr (which schedulers set) times its lr_scale. A tensor lr (torch's
+    optimizers accept a 1-element one) is read here as a number: every backend takes the step as a scalar."""
+    lr = group["lr"]
+    return (lr.item() if isinstance(lr, torch.Tensor) else lr) * group["lr_scale"]
 
 
 def grad_of(t: torch.Tensor) -> torch.Tensor:
