@@ -29,6 +29,7 @@ from ..optim import ADAMW, MatrixOptimizer, tag_parameter_names
 from ..optim.base import engine_param_groups
 from ..registry import classes, lookup
 from . import require_internal
+from .deepspeed_tp import TPSlice, tp_slices
 
 log = logging.getLogger("sinkgd_ds")
 OPTIMIZERS: dict[str, type[MatrixOptimizer]] = classes()
@@ -67,9 +68,28 @@ def _group_of(group):
     return group if dist.get_world_size(group=group) > 1 else None
 
 
-def zero12_specs(zero, inner: MatrixOptimizer) -> list[MatrixSpec]:
+TPMap = dict  # id(model parameter) -> TPSlice | ValueError (deepspeed_tp.tp_slices)
+
+
+def _tp_of(p: torch.Tensor, tps: TPMap) -> TPSlice | None:
+    """The tensor-parallel slice a matrix parameter is (None: the whole matrix); an undescribable one raises."""
+    tp = tps.get(id(p))
+    if isinstance(tp, ValueError):
+        raise tp
+    return tp
+
+
+def _flat_matrix(name: str, shape, offset: int, tp: TPSlice | None) -> FlatMatrix:
+    if tp is None:
+        return FlatMatrix(name, matrix_shape(shape), offset)
+    return FlatMatrix(name, tp.shape, offset, global_shape=tp.global_shape, row_group=tp.row_group,
+                      col_group=tp.col_group, global_offset=tp.global_offset)
+
+
+def zero12_specs(zero, inner: MatrixOptimizer, tps: TPMap | None = None) -> list[MatrixSpec]:
     """ZeRO-1/2 (``DeepSpeedZeroOptimizer``): one flat fp32 partition per param group, cut anywhere."""
     specs: list[MatrixSpec] = []
+    tps = tps or {}
     offsets_all = _require(zero, "round_robin_bit16_offsets")
     for i, pg in enumerate(inner.param_groups):
         if pg["kind"] == ADAMW:
@@ -79,7 +99,7 @@ def zero12_specs(zero, inner: MatrixOptimizer) -> list[MatrixSpec]:
         size = int(_require(zero, "partition_size")[i])
         params = _require(zero, "round_robin_bit16_groups")[i]
         metas = getattr(zero, "round_robin_bit16_meta", [params] * (i + 1))[i]
-        mats = [FlatMatrix(inner._name(p) or f"group{i}.param{k}", matrix_shape(meta.shape), int(off))
+        mats = [_flat_matrix(inner._name(p) or f"group{i}.param{k}", meta.shape, int(off), _tp_of(p, tps))
                 for k, (p, meta, off) in enumerate(zip(params, metas, offsets_all[i]))]
         bounds = [(r * size, (r + 1) * size) for r in range(world)]
         part = _require(zero, "single_partition_of_fp32_groups")[i]
@@ -87,9 +107,10 @@ def zero12_specs(zero, inner: MatrixOptimizer) -> list[MatrixSpec]:
     return specs
 
 
-def bf16_specs(bf16, inner: MatrixOptimizer) -> list[MatrixSpec]:
+def bf16_specs(bf16, inner: MatrixOptimizer, tps: TPMap | None = None) -> list[MatrixSpec]:
     """``BF16_Optimizer`` (bf16 + fp32 grad accumulation + stage 1): same cut, no per-param padding."""
     specs: list[MatrixSpec] = []
+    tps = tps or {}
     for i, pg in enumerate(inner.param_groups):
         if pg["kind"] == ADAMW:
             continue
@@ -99,7 +120,7 @@ def bf16_specs(bf16, inner: MatrixOptimizer) -> list[MatrixSpec]:
         size = flat.numel() // world
         mats, off = [], 0
         for k, p in enumerate(_require(bf16, "bf16_groups")[i]):
-            mats.append(FlatMatrix(inner._name(p) or f"group{i}.param{k}", matrix_shape(p.shape), off))
+            mats.append(_flat_matrix(inner._name(p) or f"group{i}.param{k}", p.shape, off, _tp_of(p, tps)))
             off += p.numel()
         bounds = [(r * size, (r + 1) * size) for r in range(world)]
         part = _require(bf16, "fp32_groups_flat_partition")[i]
@@ -107,10 +128,11 @@ def bf16_specs(bf16, inner: MatrixOptimizer) -> list[MatrixSpec]:
     return specs
 
 
-def zero3_specs(z3, inner: MatrixOptimizer) -> list[MatrixSpec]:
+def zero3_specs(z3, inner: MatrixOptimizer, tps: TPMap | None = None) -> list[MatrixSpec]:
     """ZeRO-3: every parameter is cut on its own (rank r holds [r*ps, (r+1)*ps) of it); a sub-group's
     pieces are concatenated into one flat fp32 tensor that the inner optimizer steps."""
     specs: list[MatrixSpec] = []
+    tps = tps or {}
     flats = _require(z3, "fp32_partitioned_groups_flat")
     for sg, params in enumerate(_require(z3, "fp16_groups")):
         gid = _require(z3, "sub_group_to_group_id")[sg]
@@ -126,10 +148,28 @@ def zero3_specs(z3, inner: MatrixOptimizer) -> list[MatrixSpec]:
             shared = world > 1 and numel > ps
             if k or shared:
                 frags = (Fragment(owner, off, start, k),) if k else ()
-                specs.append(MatrixSpec(inner._name(p) or f"subgroup{sg}.ds{p.ds_id}",
-                                        matrix_shape(p.ds_shape), frags, owner=owner,
-                                        shard_group=group if shared else None))
+                mat = _flat_matrix(inner._name(p) or f"subgroup{sg}.ds{p.ds_id}", p.ds_shape, 0, _tp_of(p, tps))
+                specs.append(MatrixSpec(mat.name, mat.shape, frags, owner=owner, global_shape=mat.global_shape,
+                                        shard_group=group if shared else None, row_group=mat.row_group,
+                                        col_group=mat.col_group, global_offset=mat.global_offset))
             off += ps
+    return specs
+
+
+def stage0_specs(inner: MatrixOptimizer, tps: TPMap) -> list[MatrixSpec]:
+    """Stage 0: the inner optimizer steps the (TP-local) model weights themselves; the sliced ones get their place
+    in the full matrix, the others keep the dense default."""
+    specs: list[MatrixSpec] = []
+    for pg in inner.param_groups:
+        if pg["kind"] == ADAMW:
+            continue
+        for p in pg["params"]:
+            tp = _tp_of(p, tps)
+            if tp is not None:
+                mat = _flat_matrix(inner._label(p), p.shape, 0, tp)
+                specs.append(MatrixSpec(mat.name, mat.shape, (Fragment(p, 0, 0, p.numel()),), owner=p,
+                                        global_shape=mat.global_shape, row_group=mat.row_group,
+                                        col_group=mat.col_group, global_offset=mat.global_offset))
     return specs
 
 
@@ -154,15 +194,18 @@ def consensus_group(engine: Any) -> object | None:
     return dist.group.WORLD
 
 
-def describe_layout(wrapper: Any, inner: MatrixOptimizer, consensus: object | None = None) -> None:
+def describe_layout(wrapper: Any, inner: MatrixOptimizer, consensus: object | None = None,
+                    tps: TPMap | None = None) -> None:
     """Give ``inner`` the layout of the partitions DeepSpeed's ``wrapper`` hands to its step() and the group
-    that agrees on skipping a non-finite step (:func:`consensus_group`)."""
+    that agrees on skipping a non-finite step (:func:`consensus_group`). ``tps``: the model's tensor-parallel
+    slices (:func:`deepspeed_tp.tp_slices`)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+    tps = tps or {}
     if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        inner.set_layout(zero3_specs(wrapper, inner), consensus)
+        inner.set_layout(zero3_specs(wrapper, inner, tps), consensus)
     elif isinstance(wrapper, DeepSpeedZeroOptimizer):
         if getattr(wrapper, "zenflow", False):
             raise ValueError("sinkgd_ds: ZenFlow is not supported with SinkGD/SCALE/SWAN; remove "
@@ -176,12 +219,20 @@ def describe_layout(wrapper: Any, inner: MatrixOptimizer, consensus: object | No
             wrapper.check_grad_overflow = True
             log.info("sinkgd_ds: DeepSpeed's gradient overflow check is on for %s (one verdict for all param "
                      "groups and ranks before any group steps)", type(inner).__name__)
-        inner.set_layout(zero12_specs(wrapper, inner), consensus)
+        inner.set_layout(zero12_specs(wrapper, inner, tps), consensus)
     elif isinstance(wrapper, BF16_Optimizer):
-        inner.set_layout(bf16_specs(wrapper, inner), consensus)
+        inner.set_layout(bf16_specs(wrapper, inner, tps), consensus)
+    elif wrapper is inner and (consensus is not None or tps):
+        # stage 0, the inner optimizer itself: the dense default applies but to tensor-parallel slices; model
+        # parallelism needs the shared verdict
+        inner.set_layout(stage0_specs(inner, tps), consensus)
+    elif tps:
+        raise ValueError(f"sinkgd_ds: DeepSpeed wraps {type(inner).__name__} in {type(wrapper).__name__}, whose "
+                         "partitions of tensor-parallel weights are not described; refused (use ZeRO 0-3 or "
+                         "bf16's BF16_Optimizer)")
     elif consensus is not None:
-        # stage 0 (the inner optimizer itself, or FP16_UnfusedOptimizer's per-param fp32 copies of the 2-D
-        # shapes): the dense default applies; only model parallelism needs the shared verdict
+        # stage 0 under FP16_UnfusedOptimizer's per-param fp32 copies of the 2-D shapes: the dense default
+        # applies; only model parallelism needs the shared verdict
         inner.set_layout((), consensus)
 
 
@@ -236,7 +287,8 @@ def _hook_configure_optimizer(orig):
             orig(self, client_optimizer, model_parameters)
         if isinstance(self.basic_optimizer, MatrixOptimizer):
             _check_config(self)
-            describe_layout(self.optimizer, self.basic_optimizer, consensus_group(self))
+            describe_layout(self.optimizer, self.basic_optimizer, consensus_group(self),
+                            tp_slices(self.module, getattr(self, "mpu", None)))
 
     return _configure_optimizer
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -189,6 +190,7 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
         for spec in self._layout_specs:
             self._layouts.setdefault(id(spec.owner), []).append(spec)
         self._batches: dict[tuple, MatrixBatch] = {}
+        self._slices_checked = False  # (:meth:`_refuse_undescribed_slices` runs again on the next step)
 
     def _compile_patterns(self) -> None:
         self._fallback_re = hp.regex_list(self._where, "fallback_patterns", self.fallback_patterns)
@@ -289,6 +291,7 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        self._slices_checked = False
         param_group = {ROUNDING_STEP_KEY: 0, **param_group}  # (a new group starts counting; a re-added one goes on)
         where = f"{self._where} param group {len(self.param_groups)}"
         if "params" not in param_group:
@@ -428,6 +431,14 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
                              "(plain torch, DDP); under DeepSpeed or Megatron use nonfinite='step' (the default), "
                              "which skips the whole step on every rank alike")
         self._layout_specs = list(specs)
+        if not self.TENSOR_PARALLEL:
+            for spec in [*self._layout_specs, *(s for gs in (group_specs or {}).values() for s in gs)]:
+                if spec.row_group is not None or spec.col_group is not None:
+                    cut = "rows" if spec.col_group is not None else "columns"
+                    raise ValueError(f"{self._where}: {spec.name!r} is a tensor-parallel slice (some {cut} of the "
+                                     f"{spec.global_shape[0]} x {spec.global_shape[1]} matrix); {self._where} needs "
+                                     "whole rows and columns (its whitening), so it is refused: use SinkGD or SCALE, "
+                                     "or no tensor parallelism")
         self._group_layouts = {}
         self._index_layouts()
         for idx, gspecs in (group_specs or {}).items():
@@ -569,9 +580,29 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
             return None
         return StochasticRounding(self.rounding_seed, group.get(ROUNDING_STEP_KEY, 0))
 
+    def _refuse_undescribed_slices(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Never normalise a tensor-parallel slice as if it were the whole matrix: a weight that DeepSpeed (AutoTP)
+        or Megatron marked ``tensor_model_parallel`` and that no integration described is refused by name before
+        anything is written (once per layout)."""
+        if self._slices_checked:
+            return
+        for group in groups:
+            if group["kind"] == ADAMW or group.get(LAYOUT_KEY) in self._group_layouts:
+                continue
+            for p in group["params"]:
+                if _marked_slice(p) and id(p) not in self._layouts and not is_dtensor(p):
+                    raise ValueError(
+                        f"{self._where}: parameter {self._label(p)!r} is a tensor-parallel slice (tensor_model_parallel"
+                        f"=True, shape {tuple(p.shape)}) that no engine integration described, so its row and column "
+                        "sums would miss the other ranks' slices; refused. Let DeepSpeed (deepspeed.initialize, AutoTP "
+                        "or an mpu) or Megatron (megatron_patch) build the layout, or route it to AdamW "
+                        "(fallback_patterns)")
+        self._slices_checked = True
+
     def _step(self) -> None:
         self.last_comm = CommStats()
         groups = self.kind_groups()
+        self._refuse_undescribed_slices(groups)
         if not self._has_dtensors:  # (parameters may be swapped for DTensors after construction: Accelerate)
             self._has_dtensors = any(is_dtensor(g["params"][0]) for g in groups if g["params"])
         self._device_mode = self.nonfinite == "step" and self._verdict_on_device(groups)
@@ -690,6 +721,20 @@ class MatrixOptimizer(SkipVerdict, torch.optim.Optimizer):
     def _apply_matrices(self, group: dict[str, Any], plan: dict[str, Any], gate: torch.Tensor | None = None) -> None:
         """Write the group's update; ``gate`` (device mode): a 0-dim tensor, nonzero = write nothing."""
         raise NotImplementedError
+
+
+def _marked_slice(p: torch.Tensor) -> bool:
+    """Marked as a tensor-parallel slice, by DeepSpeed (AutoTP, only when it cuts over several ranks) or Megatron
+    (which marks its parallel layers' weights at every TP size: a TP size of 1 cuts nothing)."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return False
+    state = sys.modules.get("megatron.core.parallel_state")
+    if state is not None and not hasattr(p, "ds_autotp_universal_checkpoint_meta"):
+        try:
+            return state.get_tensor_model_parallel_world_size() != 1
+        except (AssertionError, AttributeError, RuntimeError):  # (Megatron's groups not initialised)
+            return True
+    return True
 
 
 def _check_naming(params: list, owner: str) -> None:

@@ -1,0 +1,146 @@
+"""Tensor parallelism inside DeepSpeed, run for real: AutoTP over a tiny HF LLaMA, and Megatron-style layers
+(DeepSpeed's ``LinearLayer`` / ``LinearAllreduce``) with an ``mpu`` given to ``deepspeed.initialize``.
+
+Each configuration trains a few steps and returns, from every rank, the full fp32 master weights (the TP slices
+gathered over the TP group, ZeRO partitions gathered by DeepSpeed), the losses and the skip record; the test
+compares them with the same optimizer on the unsharded model in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import sinkgd_ds  # noqa: F401  - registers SinkGD/SCALE/SWAN with DeepSpeed
+
+VOCAB, SEQ, BATCH = 96, 8, 4
+
+
+def llama(seed: int = 0, uneven: bool = False):
+    """A tiny LLaMA (hidden 64, 2 layers, 4 heads, 2 KV heads); ``uneven``: 3 KV heads and 6 heads over 2 TP
+    ranks, so AutoTP cuts k/v (and q, o) unevenly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads, kv = (6, 3) if uneven else (4, 2)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48 if uneven else 64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64,
+                      tie_word_embeddings=False, attn_implementation="eager")
+    return LlamaForCausalLM(cfg)
+
+
+def data(steps: int, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(steps)]
+
+
+def ds_config(opt: str, stage: int, tp: int, dp: int, gas: int = 1, clip: float = 0.0, bf16: bool = False,
+              hp: dict | None = None) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": BATCH // dp // gas,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "optimizer": {"type": opt, "params": {"lr": 0.02, "lr_scale": 0.05, **(hp or {})}},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if tp > 1:
+        cfg["tensor_parallel"] = {"autotp_size": tp}
+    return cfg
+
+
+def _full(p: torch.Tensor, group, dim: int | None, sizes) -> torch.Tensor:
+    """A TP slice's full matrix: every TP rank's slice, concatenated along the cut dimension."""
+    if group is None or dim is None:
+        return p
+    pieces = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(pieces, p, group=group)
+    return torch.cat(pieces, dim=dim)
+
+
+def full_weights(engine, mixed: bool, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 master (ZeRO partitions and TP slices gathered); ``grads``: its full gradient
+    as the optimizer will see it (between backward and step)."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    tp_group = groups.get_tensor_model_parallel_group() if groups.get_tensor_model_parallel_world_size() > 1 \
+        else None
+    masters = {}
+    for lows, highs in zip(getattr(engine.optimizer, "fp16_groups", []), getattr(engine.optimizer, "fp32_groups", [])):
+        masters.update({id(lo): hi for lo, hi in zip(lows, highs)})
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if grads:
+            local = deepspeed.utils.safe_get_full_grad(p).detach().float().clone()
+        elif engine.zero_optimization_stage() == 0 and not mixed:
+            local = p.detach().float().clone()
+        elif engine.zero_optimization_stage() == 0 and id(p) in masters:
+            local = masters[id(p)].detach().float().clone()
+        else:
+            local = deepspeed.utils.safe_get_full_fp32_param(p).detach().float().clone()
+        meta = getattr(p, "ds_autotp_universal_checkpoint_meta", None)
+        dim = None
+        if getattr(p, "tensor_model_parallel", False):
+            dim = meta["partition_dim"] if meta is not None else getattr(p, "partition_dim", None)
+        out[name] = _full(local, tp_group, dim, None)
+    return out
+
+
+def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | None = None,
+          tp_model_init: bool = False) -> dict:
+    import deepspeed
+    from deepspeed.utils import groups
+
+    model = llama(uneven=uneven)
+    poison = {"on": False}
+    if tp_model_init:
+        tp = cfg["tensor_parallel"]["autotp_size"]
+        model = deepspeed.tp_model_init(model, tp_size=tp, dtype=torch.float32)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(cfg))
+    inner = engine.basic_optimizer
+    target = dict(engine.module.named_parameters())["model.layers.1.mlp.down_proj.weight"]
+    target.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
+    gas = cfg["gradient_accumulation_steps"]
+    dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+    per = BATCH // dp // gas
+    losses, skipped, first = [], [], {}
+    batches = data(steps)
+    mixed = cfg["bf16"]["enabled"]
+    for step in range(steps):
+        for micro in range(gas):
+            rows = batches[step][dp_rank * gas * per:(dp_rank + 1) * gas * per]
+            ids = rows[micro * per:(micro + 1) * per]
+            poison["on"] = poison_step == step and dist.get_rank() == dist.get_world_size() - 1
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            if step == 0 and micro == gas - 1:  # (the first step's masters and gradients, for a one-step check)
+                first = dict(before=full_weights(engine, mixed), grads=full_weights(engine, mixed, grads=True))
+            engine.step()
+            losses.append(float(loss.detach()))
+        if step == 0:
+            first["after"] = full_weights(engine, mixed)
+        skipped.append(bool(getattr(engine.optimizer, "overflow", False)) or bool(inner.last_step_skipped))
+    weights = full_weights(engine, mixed)
+    out = dict(weights=weights, first=first, losses=losses, skipped=skipped, wrapper=type(engine.optimizer).__name__,
+               tp=groups.get_tensor_model_parallel_world_size(), dp=dp,
+               comm_groups=len(getattr(inner.last_comm, "groups", ()) or ()))
+    engine.destroy() if hasattr(engine, "destroy") else None
+    return out
+
+
+def run_configs(rank: int, world: int, configs: list[tuple[str, dict, dict]]) -> dict:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {}
+    for key, cfg, kw in configs:
+        try:
+            results[key] = train(cfg, **kw)
+        except Exception as e:  # noqa: BLE001 - reported per config
+            results[key] = {"error": f"{type(e).__name__}: {e}"}
+    return results
