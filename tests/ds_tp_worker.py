@@ -31,6 +31,81 @@ def llama(seed: int = 0, uneven: bool = False):
     return LlamaForCausalLM(cfg)
 
 
+class MPU:
+    """A Megatron-style ``mpu`` (the interface Megatron-DeepSpeed hands ``deepspeed.initialize``): TP groups of
+    consecutive ranks, data-parallel groups across them."""
+
+    def __init__(self, tp: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.tp, self.dp = tp, world // tp
+        for start in range(0, world, tp):  # (every rank creates every group, in one order)
+            g = dist.new_group(list(range(start, start + tp)))
+            if start <= rank < start + tp:
+                self.tp_group = g
+        for first in range(tp):
+            g = dist.new_group(list(range(first, world, tp)))
+            if rank % tp == first:
+                self.dp_group = g
+        self.tp_rank, self.dp_rank = rank % tp, rank // tp
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_model_parallel_rank(self):
+        return self.tp_rank
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_model_parallel_world_size(self):
+        return self.tp
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self):
+        return dist.get_rank() - self.tp_rank
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self):
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.dp
+
+
+class TPLM(torch.nn.Module):
+    """Embedding, a column-parallel ``up`` (DeepSpeed's ``LinearLayer``) and a row-parallel ``down``
+    (``LinearAllreduce``) on the mpu's TP group, LM head; ``group=None`` builds the unsharded model."""
+
+    def __init__(self, group=None, seed: int = 0, d: int = 24, ff: int = 40):
+        from types import SimpleNamespace
+
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed_tokens = torch.nn.Embedding(VOCAB, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.up = torch.nn.Linear(d, ff)
+        self.down = torch.nn.Linear(ff, d, bias=False)
+        self.lm_head = torch.nn.Linear(d, VOCAB, bias=False)
+        if group is not None:
+            from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
+
+            set_autotp_mode(training=True)
+            self.up = LinearLayer(self.up, mp_group=group)
+            self.down = LinearAllreduce(self.down, mp_group=group)
+        self._out = SimpleNamespace
+
+    def forward(self, input_ids, labels):
+        h = self.embed_tokens(input_ids)
+        h = h + self.down(torch.nn.functional.gelu(self.up(self.norm(h))))
+        logits = self.lm_head(h)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        return self._out(loss=loss)
+
+
 def data(steps: int, seed: int = 1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(steps)]
@@ -68,8 +143,8 @@ def full_weights(engine, mixed: bool, grads: bool = False) -> dict[str, torch.Te
     import deepspeed
     from deepspeed.utils import groups
 
-    tp_group = groups.get_tensor_model_parallel_group() if groups.get_tensor_model_parallel_world_size() > 1 \
-        else None
+    mpu = engine.mpu if isinstance(engine.mpu, MPU) else groups
+    tp_group = mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
     masters = {}
     for lows, highs in zip(getattr(engine.optimizer, "fp16_groups", []), getattr(engine.optimizer, "fp32_groups", [])):
         masters.update({id(lo): hi for lo, hi in zip(lows, highs)})
@@ -91,22 +166,49 @@ def full_weights(engine, mixed: bool, grads: bool = False) -> dict[str, torch.Te
     return out
 
 
+def plain_torch_on_slices(tp: int) -> dict:
+    """DeepSpeed's TP layers (sliced weights) stepped by a plain SinkGD, no engine to describe them: must be refused
+    by name at the first step, with every weight unchanged. (``deepspeed.tp_model_init`` only records its arguments
+    in 0.19.8: AutoTP slices exist only inside ``deepspeed.initialize``.)"""
+    model = TPLM(MPU(tp).tp_group)
+    opt = sinkgd_ds.SinkGD(model.named_parameters(), lr=0.02)
+    ids = data(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        opt.step()
+        error = None
+    except ValueError as e:
+        error = str(e)
+    unchanged = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    return {"error_text": error, "unchanged": unchanged}
+
+
 def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | None = None,
-          tp_model_init: bool = False) -> dict:
+          tp_model_init: bool = False, mpu_tp: int = 0, client: bool = False) -> dict:
     import deepspeed
     from deepspeed.utils import groups
 
-    model = llama(uneven=uneven)
+    mpu = MPU(mpu_tp) if mpu_tp else None
+    model = TPLM(mpu.tp_group) if mpu else llama(uneven=uneven)
     poison = {"on": False}
     if tp_model_init:
         tp = cfg["tensor_parallel"]["autotp_size"]
         model = deepspeed.tp_model_init(model, tp_size=tp, dtype=torch.float32)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(cfg))
+    cfg = copy.deepcopy(cfg)
+    optimizer = None
+    if client:  # the user's own optimizer object instead of the JSON "optimizer" section
+        spec = cfg.pop("optimizer")
+        optimizer = getattr(sinkgd_ds, spec["type"])(model.named_parameters(), **spec["params"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if client else model.parameters(),
+                                           optimizer=optimizer, config=cfg, mpu=mpu)
     inner = engine.basic_optimizer
-    target = dict(engine.module.named_parameters())["model.layers.1.mlp.down_proj.weight"]
+    params = dict(engine.module.named_parameters())
+    target = params["down.weight" if mpu else "model.layers.1.mlp.down_proj.weight"]
     target.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
     gas = cfg["gradient_accumulation_steps"]
-    dp_rank, dp = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+    dp_rank = mpu.get_data_parallel_rank() if mpu else groups.get_data_parallel_rank()
+    dp = mpu.dp if mpu else groups.get_data_parallel_world_size()
     per = BATCH // dp // gas
     losses, skipped, first = [], [], {}
     batches = data(steps)
@@ -125,9 +227,12 @@ def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | No
         if step == 0:
             first["after"] = full_weights(engine, mixed)
         skipped.append(bool(getattr(engine.optimizer, "overflow", False)) or bool(inner.last_step_skipped))
+    metas = {n: getattr(p, "ds_autotp_universal_checkpoint_meta", None) for n, p in params.items()}
+    sizes = {n: tuple(m["partition_sizes"]) for n, m in metas.items() if m and m.get("partition_sizes")}
     weights = full_weights(engine, mixed)
-    out = dict(weights=weights, first=first, losses=losses, skipped=skipped, wrapper=type(engine.optimizer).__name__,
-               tp=groups.get_tensor_model_parallel_world_size(), dp=dp,
+    out = dict(weights=weights, first=first, losses=losses, partition_sizes=sizes, skipped=skipped,
+               wrapper=type(engine.optimizer).__name__,
+               tp=mpu.tp if mpu else groups.get_tensor_model_parallel_world_size(), dp=dp,
                comm_groups=len(getattr(inner.last_comm, "groups", ()) or ()))
     engine.destroy() if hasattr(engine, "destroy") else None
     return out
@@ -140,7 +245,7 @@ def run_configs(rank: int, world: int, configs: list[tuple[str, dict, dict]]) ->
     results = {}
     for key, cfg, kw in configs:
         try:
-            results[key] = train(cfg, **kw)
+            results[key] = plain_torch_on_slices(**kw) if key == "plain-torch" else train(cfg, **kw)
         except Exception as e:  # noqa: BLE001 - reported per config
             results[key] = {"error": f"{type(e).__name__}: {e}"}
     return results

@@ -14,7 +14,7 @@ import torch
 from sinkgd_ds import SCALE, SinkGD
 
 from .distributed import spawn
-from .ds_tp_worker import BATCH, data, ds_config, llama, run_configs
+from .ds_tp_worker import BATCH, TPLM, data, ds_config, llama, run_configs
 
 FP32_TOL = 2e-5  # relative, on the weight change (measured <= 3e-6: TP and dense forward sum in other orders)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,6 +27,9 @@ def plan(world: int) -> list[tuple[str, dict, dict]]:
         for stage in (0, 1, 2, 3):
             cfgs.append((f"{opt}-z{stage}", ds_config(opt, stage, tp, dp), {}))
     cfgs.append(("SWAN-z1", ds_config("SWAN", 1, tp, dp), {}))
+    for stage in (0, 1, 2, 3):  # Megatron-DeepSpeed's route: TP layers on an mpu's group, no AutoTP
+        cfgs.append((f"mpu-SinkGD-z{stage}", ds_config("SinkGD", stage, 1, dp), {"mpu_tp": tp}))
+    cfgs.append(("mpu-SCALE-z2", ds_config("SCALE", 2, 1, dp), {"mpu_tp": tp}))
     if world == 2:
         cfgs.append(("uneven-z2", ds_config("SinkGD", 2, tp, dp), {"uneven": True}))
         cfgs.append(("gas-z2", ds_config("SinkGD", 2, tp, dp, gas=2), {}))
@@ -35,15 +38,18 @@ def plan(world: int) -> list[tuple[str, dict, dict]]:
         cfgs.append(("bf16-z2", ds_config("SCALE", 2, tp, dp, bf16=True), {}))
         cfgs.append(("nan-z2", ds_config("SinkGD", 2, tp, dp), {"poison_step": 1}))
         cfgs.append(("tp_model_init-z1", ds_config("SinkGD", 1, tp, dp), {"tp_model_init": True}))
+        cfgs.append(("client-z2", ds_config("SinkGD", 2, tp, dp), {"client": True}))
+        cfgs.append(("client-z0", ds_config("SCALE", 0, tp, dp), {"client": True}))
+        cfgs.append(("plain-torch", {}, {"tp": tp}))
     return cfgs
 
 
 def reference(opt: str, steps: int = 3, gas: int = 1, clip: float = 0.0, bf16: bool = False, uneven: bool = False,
-              shards: int = 1, skip_step: int | None = None) -> dict[str, torch.Tensor]:
+              shards: int = 1, skip_step: int | None = None, make=llama) -> dict[str, torch.Tensor]:
     """The same optimizer on the unsharded model, one process: the gradient of the mean loss over the micro-batches
     DeepSpeed's data-parallel ranks and accumulation steps see (``shards`` of them per step). ``bf16``: DeepSpeed's
     mixed precision (fp32 masters from the bf16-rounded model, forward and backward on a bf16 copy)."""
-    model = llama(uneven=uneven)
+    model = make(uneven=uneven)
     if bf16:
         with torch.no_grad():
             for p in model.parameters():
@@ -58,7 +64,7 @@ def reference(opt: str, steps: int = 3, gas: int = 1, clip: float = 0.0, bf16: b
         grads = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
         for k in range(pieces):
             ids = batch[k * per:(k + 1) * per]
-            work = llama(uneven=uneven)
+            work = make(uneven=uneven)
             work.load_state_dict(model.state_dict())
             if bf16:
                 work = work.bfloat16()
@@ -85,7 +91,8 @@ def rel_change(got: torch.Tensor, want: torch.Tensor, start: torch.Tensor) -> fl
 
 def check(result: dict, want: dict[str, torch.Tensor], tol: float, key: str) -> None:
     assert "error" not in result, f"{key}: {result.get('error')}"
-    start = {n: p.detach() for n, p in llama(uneven="uneven" in key).named_parameters()}
+    make = dense_tplm if key.startswith("mpu") else llama
+    start = {n: p.detach() for n, p in make(uneven="uneven" in key).named_parameters()}
     worst = {}
     for n, w in want.items():
         got = result["weights"][n]
@@ -93,7 +100,7 @@ def check(result: dict, want: dict[str, torch.Tensor], tol: float, key: str) -> 
         worst[n] = rel_change(got, w, start[n])
     bad = {n: e for n, e in worst.items() if e > tol}
     assert not bad, f"{key}: weight change off by more than {tol:g} (relative): {bad}"
-    assert any(p in n for n in worst for p in PROJ)  # the projections were compared
+    assert any(p in n for n in worst for p in (*PROJ, "up.", "down."))  # the projections were compared
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -108,9 +115,27 @@ def test_autotp_equals_the_unsharded_model(runs, world, opt, stage):
         check(r, want, FP32_TOL, f"{opt}-z{stage}-w{world}")
 
 
+def dense_tplm(uneven: bool = False):
+    return TPLM(None)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("key", ["mpu-SinkGD-z0", "mpu-SinkGD-z1", "mpu-SinkGD-z2", "mpu-SinkGD-z3", "mpu-SCALE-z2"])
+def test_megatron_style_layers_with_an_mpu(runs, world, key):
+    """DeepSpeed's LinearLayer / LinearAllreduce on an mpu's TP group, the mpu given to deepspeed.initialize (how
+    Megatron-DeepSpeed runs): equal to the unsharded model."""
+    want = reference(key.split("-")[1], shards=world // 2, make=dense_tplm)
+    for r in runs[world]:
+        assert (r[key].get("tp"), r[key].get("dp")) == (2, world // 2), r[key].get("error")
+        check(r[key], want, FP32_TOL, f"{key}-w{world}")
+
+
 def test_uneven_slices(runs):
     """6 heads / 3 KV heads over 2 ranks: AutoTP cuts q/k/v/o unevenly; the recorded slice sizes are used."""
-    check(runs[2][0]["uneven-z2"], reference("SinkGD", uneven=True), FP32_TOL, "uneven-z2")
+    r = runs[2][0]["uneven-z2"]
+    assert r["partition_sizes"]["model.layers.0.self_attn.k_proj.weight"] == (16, 8)
+    assert r["partition_sizes"]["model.layers.0.self_attn.o_proj.weight"] == (32, 16)
+    check(r, reference("SinkGD", uneven=True), FP32_TOL, "uneven-z2")
 
 
 def test_gradient_accumulation_and_clipping(runs):
@@ -157,6 +182,43 @@ def test_bf16_runs_track_the_dense_bf16_run(runs):
 
 def test_tp_model_init(runs):
     check(runs[2][0]["tp_model_init-z1"], reference("SinkGD"), FP32_TOL, "tp_model_init-z1")
+
+
+def test_client_optimizer(runs):
+    """The user's own SinkGD / SCALE object passed to deepspeed.initialize (AutoTP swaps its parameters for the
+    slices; the layout is described all the same)."""
+    check(runs[2][0]["client-z2"], reference("SinkGD"), FP32_TOL, "client-z2")
+    check(runs[2][0]["client-z0"], reference("SCALE"), FP32_TOL, "client-z0")
+
+
+def test_slices_stepped_without_an_engine_are_refused_by_name(runs):
+    """DeepSpeed's LinearLayer / LinearAllreduce slices given to a plain SinkGD (no engine to describe them): the
+    first step refuses, naming the first sliced weight, and writes nothing."""
+    for r in runs[2]:
+        res = r["plain-torch"]
+        assert "error" not in res, res.get("error")
+        assert res["unchanged"]
+        assert res["error_text"] and "'up.weight' is a tensor-parallel slice" in res["error_text"], res["error_text"]
+
+
+def test_marked_slices_are_refused_in_one_process_too():
+    """A weight marked as Megatron or DeepSpeed marks a slice, in one process (plain torch / DDP): refused by name
+    before anything is written; on the AdamW fallback (elementwise, exact on any slice) it steps."""
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    w.tensor_model_parallel, w.partition_dim = True, 0
+    head = torch.nn.Parameter(torch.randn(5, 6))
+    head.tensor_model_parallel = True
+    other = torch.nn.Parameter(torch.randn(6, 6))
+    opt = SinkGD([("layers.0.fc1.weight", w), ("lm_head.weight", head), ("layers.0.fc2.weight", other)])
+    for p in (w, head, other):
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in (w, head, other)]
+    with pytest.raises(ValueError, match=r"'layers.0.fc1.weight' is a tensor-parallel slice .*shape \(4, 6\).*refused"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip((w, head, other), before))
+    del w.tensor_model_parallel
+    opt.step()  # (the head, on AdamW, is fine sliced)
+    assert not torch.equal(head.detach(), before[1])
 
 
 def test_one_verdict_for_a_non_finite_step(runs):
