@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: make `launch` importable
 
 from launch.local_jobs import run_main_job  # noqa: E402
+from sinkgd_ds import safe_load  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,8 +73,7 @@ def checkpoint_report(out: Path) -> dict[str, Any]:
     for tag in sorted((out / "checkpoints").glob("step*")):
         for f in sorted(tag.glob("*.pt")):
             files += 1
-            bad += [f"{f.relative_to(out)}:{p}" for p in nonfinite_tensors(torch.load(f, weights_only=False,
-                                                                                       map_location="cpu"))]
+            bad += [f"{f.relative_to(out)}:{p}" for p in nonfinite_tensors(safe_load.load(f))]
     return {"files": files, "nonfinite": bad}
 
 

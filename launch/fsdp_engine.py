@@ -6,7 +6,9 @@ Every decoder layer and then the whole model go through ``fully_shard`` over all
 ``SinkGD(model.named_parameters(), **params)`` from the same JSON's ``"optimizer"`` section, with the JSON's
 ``"scheduler"`` (DeepSpeed's schedule classes work on any torch optimizer), gradient accumulation and
 clipping. Checkpoints are ``torch.distributed.checkpoint`` directories (model, optimizer, scheduler and the
-loop's state) under the same ``checkpoints/<tag>`` + ``latest`` layout as the DeepSpeed entry.
+loop's state) under the same ``checkpoints/<tag>`` + ``latest`` layout as the DeepSpeed entry. Loading one runs
+nothing from it: ``engine.pt`` holds plain values only and is read with ``weights_only=True``, and DCP's own
+pickles (``.metadata``, non-tensor entries) are checked by ``sinkgd_ds.safe_load`` before ``dcp.load`` reads them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from sinkgd_ds import safe_load
 
 
 class FSDPEngine:
@@ -143,13 +147,21 @@ class FSDPEngine:
         if tag is None and not latest.is_file():
             return None, None
         path = Path(directory) / (tag or latest.read_text().strip())
+        safe_load.check_directory(path)  # (dcp.load unpickles .metadata and non-tensor entries unrestricted)
         msd, osd = get_state_dict(self.module, self.basic_optimizer)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.module, self.basic_optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        extra = torch.load(path / "engine.pt", weights_only=False)
+        extra = read_engine_state(path)
         if self.scheduler is not None and extra["scheduler"] is not None:
             self.scheduler.load_state_dict(extra["scheduler"])
         self.micro_steps = extra["micro_steps"]
         return str(path), extra["client_state"]
+
+
+def read_engine_state(path: Path) -> dict[str, Any]:
+    """``<checkpoint>/engine.pt`` (scheduler state, micro-step count, the loop's client state: dicts, lists, numbers,
+    strings), read with ``weights_only=True``: a file that would need more is refused by name
+    (:class:`sinkgd_ds.safe_load.UnsafeCheckpointError`) and nothing in it runs."""
+    return safe_load.load(path / "engine.pt")

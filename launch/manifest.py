@@ -6,6 +6,8 @@ lists every file with its size and CRC-32 and the run's identity (model, data, o
 without one never finished saving. ``select`` checks the checkpoint ``latest`` names (and, when asked, the older
 kept ones) against the run that wants to resume it: a missing, truncated or corrupted file, or a checkpoint of
 another model / optimizer / layout that this engine cannot load, is an error naming the file and the problem.
+Once sizes and checksums agree, every file a loader would unpickle must hold nothing that could run code
+(``sinkgd_ds.safe_load``): the CRC-32s guard against accidents, not against someone who rewrites the manifest too.
 
 Every rank re-reads every file to check it (one pass, C-speed CRC); on multi-terabyte checkpoints that is the
 price of never resuming from a damaged one.
@@ -119,7 +121,17 @@ def check(path: Path, wanted: dict[str, Any]) -> list[str]:
         manifest = read(path)
     except CheckpointError as e:
         return [str(e)]
-    return identity_problems(manifest["identity"], wanted, path / NAME) + file_problems(path, manifest)
+    problems = identity_problems(manifest["identity"], wanted, path / NAME) + file_problems(path, manifest)
+    return problems or unsafe_problems(path)  # (a damaged file is named as such, not as unsafe)
+
+
+def unsafe_problems(path: Path) -> list[str]:
+    """A file that the engine's loader would unpickle and that could run code as it loads (DeepSpeed's
+    ``load_checkpoint`` and torch DCP unpickle without restriction): checked for every file in the directory, listed
+    in the manifest or not, since a manifest rewritten along with the files vouches for anything."""
+    from sinkgd_ds.safe_load import problems
+
+    return problems(path)
 
 
 def kept_tags(ckpt: Path) -> list[str]:

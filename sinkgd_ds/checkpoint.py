@@ -10,6 +10,9 @@ folder holds only ``fp32.pt``, and DeepSpeed's ZeRO-1/2 loader restores exactly 
 ZeRO-3 is refused with the reason (see ``_add_placeholders``). The AdamW fallback state
 (and SCALE's head momentum, stored as ``exp_avg``) is resharded by DeepSpeed itself.
 
+The input may come from anywhere: its files are read with ``weights_only=True`` (``sinkgd_ds.safe_load``) and
+checked before DeepSpeed's converter, which unpickles them with ``weights_only=False``, sees any of them.
+
 Command line::
 
     python -m sinkgd_ds.checkpoint --input_folder CKPT/TAG --output_folder CKPT/TAG_universal
@@ -21,10 +24,13 @@ import argparse
 import glob
 import os
 import shutil
+import sys
 import tempfile
 from argparse import Namespace
 
 import torch
+
+from . import safe_load
 
 __all__ = ["to_universal"]
 
@@ -82,6 +88,7 @@ def to_universal(input_folder: str, output_folder: str, workers: int = 1) -> set
     if not optim_files:
         raise FileNotFoundError(f"no *{OPTIM_SUFFIX} files in {input_folder!r}: not a DeepSpeed ZeRO checkpoint tag")
     converter = _deepspeed_converter()
+    safe_load.check_directory(input_folder)  # (before DeepSpeed's converter unpickles any of it)
     parent = os.path.dirname(os.path.abspath(output_folder))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".sinkgd-universal-", dir=parent)
@@ -90,7 +97,7 @@ def to_universal(input_folder: str, output_folder: str, workers: int = 1) -> set
         for path in glob.glob(os.path.join(input_folder, "*")):
             target = os.path.join(staging, os.path.basename(path))
             if path.endswith(OPTIM_SUFFIX):
-                sd = torch.load(path, map_location="cpu", weights_only=False)
+                sd = safe_load.load(path)
                 added |= _add_placeholders(sd["optimizer_state_dict"])
                 torch.save(sd, target)
             else:
@@ -105,15 +112,20 @@ def to_universal(input_folder: str, output_folder: str, workers: int = 1) -> set
     return {name for name, _ in added}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input_folder", required=True, help="a saved tag folder, e.g. ckpt/global_step100")
     parser.add_argument("--output_folder", required=True, help="e.g. ckpt/global_step100_universal")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    stateless = to_universal(args.input_folder, args.output_folder, args.workers)
+    try:
+        stateless = to_universal(args.input_folder, args.output_folder, args.workers)
+    except safe_load.UnsafeCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"universal checkpoint in {args.output_folder} ({len(stateless)} stateless matrix parameters)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import manifest
 from launch.config import ConfigError
@@ -148,10 +149,11 @@ def test_resume_fallback_is_exact_and_an_unloadable_checkpoint_is_named(straight
     assert s["resumed_from"] == 9 and s["losses"] == straight[1]["losses"] and s["val"] == straight[1]["val"]
     assert (out / "checkpoints/step12.rejected").is_dir()  # kept for a look, never resumed or pruned
     assert tags(out) == ["step12", "step12.rejected", "step9"]
-    # a checkpoint whose manifest vouches for files the engine cannot read (e.g. rewritten by another tool)
+    # a checkpoint whose manifest vouches for files the engine cannot use (e.g. rewritten by another tool): a plain
+    # torch file, so it passes the pickle check (tests/test_safe_loading.py) and DeepSpeed's loader fails on it
     other = _copy(straight, tmp_path / "unloadable")
     step12 = other / "checkpoints/step12"
-    (step12 / "mp_rank_00_model_states.pt").write_bytes(b"not a torch file")
+    torch.save({"not": "a DeepSpeed checkpoint"}, step12 / "mp_rank_00_model_states.pt")
     manifest.write(step12, json.loads((step12 / "manifest.json").read_text())["identity"])
     text = run(other, ["--resume"], expect=2)
     assert f"error: --resume: DeepSpeedEngine could not load {step12}" in text
