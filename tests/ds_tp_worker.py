@@ -31,6 +31,18 @@ def llama(seed: int = 0, uneven: bool = False):
     return LlamaForCausalLM(cfg)
 
 
+def phi3(seed: int = 0, uneven: bool = False):
+    """A tiny Phi-3: fused ``qkv_proj`` and ``gate_up_proj`` (AutoTP's "phi3" preset cuts each sub-parameter)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                     tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                     attn_implementation="eager")
+    return Phi3ForCausalLM(cfg)
+
+
 class MPU:
     """A Megatron-style ``mpu`` (the interface Megatron-DeepSpeed hands ``deepspeed.initialize``): TP groups of
     consecutive ranks, data-parallel groups across them."""
@@ -112,7 +124,7 @@ def data(steps: int, seed: int = 1) -> list[torch.Tensor]:
 
 
 def ds_config(opt: str, stage: int, tp: int, dp: int, gas: int = 1, clip: float = 0.0, bf16: bool = False,
-              hp: dict | None = None) -> dict:
+              hp: dict | None = None, preset: str | None = None) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": BATCH // dp // gas,
         "gradient_accumulation_steps": gas,
@@ -125,16 +137,27 @@ def ds_config(opt: str, stage: int, tp: int, dp: int, gas: int = 1, clip: float 
     }
     if tp > 1:
         cfg["tensor_parallel"] = {"autotp_size": tp}
+    if preset == "fused-mlp":  # a custom partition config: only the MLP, its fused [gate; up] cut per half
+        cfg["tensor_parallel"]["partition_config"] = {"use_default_specs": False, "layer_specs": [
+            {"patterns": [r".*\.mlp\.gate_up_proj\.weight$"], "partition_type": "column", "shape": [2, -1],
+             "partition_dim": 0},
+            {"patterns": [r".*\.mlp\.down_proj\.weight$"], "partition_type": "row"}]}
+    elif preset:
+        cfg["tensor_parallel"]["preset_model"] = preset
     return cfg
 
 
-def _full(p: torch.Tensor, group, dim: int | None, sizes) -> torch.Tensor:
-    """A TP slice's full matrix: every TP rank's slice, concatenated along the cut dimension."""
+def _full(p: torch.Tensor, group, dim: int | None, widths) -> torch.Tensor:
+    """A TP slice's full matrix: every TP rank's slice, concatenated along the cut dimension; a fused weight
+    (``widths``: each sub-parameter's rows on each rank) sub-parameter by sub-parameter."""
     if group is None or dim is None:
         return p
     pieces = [None] * dist.get_world_size(group=group)
     dist.all_gather_object(pieces, p, group=group)
-    return torch.cat(pieces, dim=dim)
+    if not widths:
+        return torch.cat(pieces, dim=dim)
+    per_rank = [list(piece.split([ws[r] for ws in widths], dim=0)) for r, piece in enumerate(pieces)]
+    return torch.cat([per_rank[r][s] for s in range(len(widths)) for r in range(len(pieces))], dim=0)
 
 
 def full_weights(engine, mixed: bool, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -162,7 +185,7 @@ def full_weights(engine, mixed: bool, grads: bool = False) -> dict[str, torch.Te
         dim = None
         if getattr(p, "tensor_model_parallel", False):
             dim = meta["partition_dim"] if meta is not None else getattr(p, "partition_dim", None)
-        out[name] = _full(local, tp_group, dim, None)
+        out[name] = _full(local, tp_group, dim, meta.get("sub_param_shard_widths") if meta else None)
     return out
 
 
@@ -185,12 +208,12 @@ def plain_torch_on_slices(tp: int) -> dict:
 
 
 def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | None = None,
-          tp_model_init: bool = False, mpu_tp: int = 0, client: bool = False) -> dict:
+          tp_model_init: bool = False, mpu_tp: int = 0, client: bool = False, arch: str = "llama") -> dict:
     import deepspeed
     from deepspeed.utils import groups
 
     mpu = MPU(mpu_tp) if mpu_tp else None
-    model = TPLM(mpu.tp_group) if mpu else llama(uneven=uneven)
+    model = TPLM(mpu.tp_group) if mpu else {"llama": llama, "phi3": phi3}[arch](uneven=uneven)
     poison = {"on": False}
     if tp_model_init:
         tp = cfg["tensor_parallel"]["autotp_size"]
@@ -204,7 +227,7 @@ def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | No
                                            optimizer=optimizer, config=cfg, mpu=mpu)
     inner = engine.basic_optimizer
     params = dict(engine.module.named_parameters())
-    target = params["down.weight" if mpu else "model.layers.1.mlp.down_proj.weight"]
+    target = params["down.weight" if mpu else "model.layers.1.mlp.down_proj.weight"]  # (every arch has it)
     target.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
     gas = cfg["gradient_accumulation_steps"]
     dp_rank = mpu.get_data_parallel_rank() if mpu else groups.get_data_parallel_rank()
@@ -229,6 +252,8 @@ def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | No
         skipped.append(bool(getattr(engine.optimizer, "overflow", False)) or bool(inner.last_step_skipped))
     metas = {n: getattr(p, "ds_autotp_universal_checkpoint_meta", None) for n, p in params.items()}
     sizes = {n: tuple(m["partition_sizes"]) for n, m in metas.items() if m and m.get("partition_sizes")}
+    sizes.update({n: tuple(map(tuple, m["sub_param_shard_widths"])) for n, m in metas.items()
+                  if m and m.get("sub_param_shard_widths")})
     weights = full_weights(engine, mixed)
     out = dict(weights=weights, first=first, losses=losses, partition_sizes=sizes, skipped=skipped,
                wrapper=type(engine.optimizer).__name__,

@@ -14,7 +14,7 @@ import torch
 from sinkgd_ds import SCALE, SinkGD
 
 from .distributed import spawn
-from .ds_tp_worker import BATCH, TPLM, data, ds_config, llama, run_configs
+from .ds_tp_worker import BATCH, TPLM, data, ds_config, llama, phi3, run_configs
 
 FP32_TOL = 2e-5  # relative, on the weight change (measured <= 3e-6: TP and dense forward sum in other orders)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,6 +41,8 @@ def plan(world: int) -> list[tuple[str, dict, dict]]:
         cfgs.append(("client-z2", ds_config("SinkGD", 2, tp, dp), {"client": True}))
         cfgs.append(("client-z0", ds_config("SCALE", 0, tp, dp), {"client": True}))
         cfgs.append(("plain-torch", {}, {"tp": tp}))
+        for opt, stage in (("SinkGD", 1), ("SinkGD", 3), ("SCALE", 2)):  # fused qkv_proj / gate_up_proj
+            cfgs.append((f"phi3-{opt}-z{stage}", ds_config(opt, stage, tp, dp, preset="fused-mlp"), {"arch": "phi3"}))
     return cfgs
 
 
@@ -91,7 +93,7 @@ def rel_change(got: torch.Tensor, want: torch.Tensor, start: torch.Tensor) -> fl
 
 def check(result: dict, want: dict[str, torch.Tensor], tol: float, key: str) -> None:
     assert "error" not in result, f"{key}: {result.get('error')}"
-    make = dense_tplm if key.startswith("mpu") else llama
+    make = dense_tplm if key.startswith("mpu") else phi3 if key.startswith("phi3") else llama
     start = {n: p.detach() for n, p in make(uneven="uneven" in key).named_parameters()}
     worst = {}
     for n, w in want.items():
@@ -100,7 +102,7 @@ def check(result: dict, want: dict[str, torch.Tensor], tol: float, key: str) -> 
         worst[n] = rel_change(got, w, start[n])
     bad = {n: e for n, e in worst.items() if e > tol}
     assert not bad, f"{key}: weight change off by more than {tol:g} (relative): {bad}"
-    assert any(p in n for n in worst for p in (*PROJ, "up.", "down."))  # the projections were compared
+    assert any(p in n for n in worst for p in (*PROJ, "up.", "down.", "qkv_proj"))  # the projections were compared
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -128,6 +130,19 @@ def test_megatron_style_layers_with_an_mpu(runs, world, key):
     for r in runs[world]:
         assert (r[key].get("tp"), r[key].get("dp")) == (2, world // 2), r[key].get("error")
         check(r[key], want, FP32_TOL, f"{key}-w{world}")
+
+
+@pytest.mark.parametrize("key", ["phi3-SinkGD-z1", "phi3-SinkGD-z3", "phi3-SCALE-z2"])
+def test_fused_weights_cut_per_sub_parameter(runs, key):
+    """Phi-3's fused gate_up_proj ([gate; up]) cut per half by a custom AutoTP partition config (shape [2, -1]; the
+    attention left whole): each rank holds rows of both halves, stacked; the fused weight stays one matrix, as in
+    the unsharded run. (AutoTP's own "phi3" preset also cuts qkv_proj per [Q; K; V], the same layout, but
+    transformers 5.23's Phi3Attention then splits the local qkv by the global head count: that run fails inside
+    the model's forward, before any optimizer step.)"""
+    r = runs[2][0][key]
+    assert "error" not in r, r.get("error")
+    assert r["partition_sizes"]["model.layers.0.mlp.gate_up_proj.weight"] == ((48, 48), (48, 48))
+    check(r, reference(key.split("-")[1], make=phi3), FP32_TOL, key)
 
 
 def test_uneven_slices(runs):

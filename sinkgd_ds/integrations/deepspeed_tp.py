@@ -71,14 +71,17 @@ def autotp_slice(name: str, p: torch.Tensor, group) -> TPSlice | None:
         return None
     dim, local = meta.get("partition_dim"), _local_shape(p)
     reason = meta.get("unsupported_reason")
-    if reason or dim not in (0, 1) or meta.get("sub_param_shard_widths"):
-        what = reason or ("sub-parameter (fused) slices" if meta.get("sub_param_shard_widths")
-                          else f"partition_dim={dim!r}")
+    widths = meta.get("sub_param_shard_widths")
+    if reason or dim not in (0, 1) or (widths and dim != 0):
+        what = reason or ("sub-parameter slices of the input dimension" if widths else f"partition_dim={dim!r}")
         raise ValueError(f"sinkgd_ds: {name!r} is an AutoTP slice ({meta.get('partition_type')!r}, {what}) whose "
                          "layout is not described here; it is refused rather than normalised as a whole matrix. "
                          "Keep it out of AutoTP (tensor_parallel.partition_config) or name it in fallback_patterns")
-    sizes = meta.get("partition_sizes")
     world = dist.get_world_size(group=group)
+    if widths:
+        return fused_rows_slice(name, local, [[int(w) for w in ws] for ws in widths], dist.get_rank(group=group),
+                                group)
+    sizes = meta.get("partition_sizes")
     if not sizes:
         logical = meta.get("logical_shape") or meta.get("original_shape")
         if not logical or logical[dim] % world:
@@ -86,6 +89,20 @@ def autotp_slice(name: str, p: torch.Tensor, group) -> TPSlice | None:
                              f"does not split evenly over {world} TP ranks; refused")
         sizes = [logical[dim] // world] * world
     return _slice(name, local, dim, [int(s) for s in sizes], dist.get_rank(group=group), group)
+
+
+def fused_rows_slice(name: str, local: tuple[int, ...], widths: list[list[int]], rank: int, group) -> TPSlice:
+    """A fused weight (qkv_proj, gate_up_proj: sub-parameters stacked along the rows) whose every sub-parameter
+    AutoTP cut along its rows: rank r holds rows ``widths[s][r]`` of each sub-parameter s, stacked. The matrix is
+    the whole fused weight, as the unsharded model's optimizer sees it: rows are complete on each rank, column sums
+    are completed over the TP group (the order of rows does not enter them). This rank's rows are not one
+    contiguous run of the full matrix, so stochastic rounding's element indices count them from this rank's first
+    row (unbiased and deterministic, not the dense run's bits; fp32 is exact)."""
+    if len(local) != 2 or sum(ws[rank] for ws in widths) != local[0]:
+        raise ValueError(f"sinkgd_ds: {name!r}: AutoTP records sub-parameter row widths {widths}, but TP rank {rank} "
+                         f"holds shape {local}; the layout cannot be proved, so it is refused")
+    total, start = sum(sum(ws) for ws in widths), sum(widths[0][:rank])
+    return TPSlice((local[0], local[1]), (total, local[1]), (min(start, total - local[0]), 0), None, group)
 
 
 def megatron_slice(name: str, p: torch.Tensor, group) -> TPSlice:
