@@ -166,8 +166,9 @@ def full_weights(engine, mixed: bool, grads: bool = False) -> dict[str, torch.Te
     import deepspeed
     from deepspeed.utils import groups
 
-    mpu = engine.mpu if isinstance(engine.mpu, MPU) else groups
-    tp_group = mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
+    mpu = engine.mpu if isinstance(engine.mpu, MPU) else groups if engine.autotp_size() > 1 else None
+    tp_group = mpu.get_tensor_model_parallel_group() if mpu and mpu.get_tensor_model_parallel_world_size() > 1 \
+        else None
     masters = {}
     for lows, highs in zip(getattr(engine.optimizer, "fp16_groups", []), getattr(engine.optimizer, "fp32_groups", [])):
         masters.update({id(lo): hi for lo, hi in zip(lows, highs)})
@@ -208,7 +209,10 @@ def plain_torch_on_slices(tp: int) -> dict:
 
 
 def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | None = None,
-          tp_model_init: bool = False, mpu_tp: int = 0, client: bool = False, arch: str = "llama") -> dict:
+          tp_model_init: bool = False, mpu_tp: int = 0, client: bool = False, arch: str = "llama",
+          ckpt: str | None = None, save_after: int | None = None, start: int = 0, load_tag: str = "saved") -> dict:
+    """``ckpt``: with ``save_after``, save there after that many steps (and go on); with ``start``, load it and
+    train from that step."""
     import deepspeed
     from deepspeed.utils import groups
 
@@ -230,13 +234,17 @@ def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | No
     target = params["down.weight" if mpu else "model.layers.1.mlp.down_proj.weight"]  # (every arch has it)
     target.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
     gas = cfg["gradient_accumulation_steps"]
-    dp_rank = mpu.get_data_parallel_rank() if mpu else groups.get_data_parallel_rank()
-    dp = mpu.dp if mpu else groups.get_data_parallel_world_size()
+    autotp = "tensor_parallel" in cfg
+    dp_rank = mpu.get_data_parallel_rank() if mpu else groups.get_data_parallel_rank() if autotp else dist.get_rank()
+    dp = mpu.dp if mpu else groups.get_data_parallel_world_size() if autotp else dist.get_world_size()
     per = BATCH // dp // gas
     losses, skipped, first = [], [], {}
     batches = data(steps)
     mixed = cfg["bf16"]["enabled"]
-    for step in range(steps):
+    if ckpt is not None and start:
+        engine.load_checkpoint(ckpt, tag=load_tag)
+        first["loaded"] = full_weights(engine, mixed)
+    for step in range(start, steps):
         for micro in range(gas):
             rows = batches[step][dp_rank * gas * per:(dp_rank + 1) * gas * per]
             ids = rows[micro * per:(micro + 1) * per]
@@ -249,6 +257,9 @@ def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | No
             losses.append(float(loss.detach()))
         if step == 0:
             first["after"] = full_weights(engine, mixed)
+        if ckpt is not None and save_after == step + 1:
+            engine.save_checkpoint(ckpt, tag="saved")
+            first["saved"] = full_weights(engine, mixed)
         skipped.append(bool(getattr(engine.optimizer, "overflow", False)) or bool(inner.last_step_skipped))
     metas = {n: getattr(p, "ds_autotp_universal_checkpoint_meta", None) for n, p in params.items()}
     sizes = {n: tuple(m["partition_sizes"]) for n, m in metas.items() if m and m.get("partition_sizes")}
@@ -257,7 +268,7 @@ def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | No
     weights = full_weights(engine, mixed)
     out = dict(weights=weights, first=first, losses=losses, partition_sizes=sizes, skipped=skipped,
                wrapper=type(engine.optimizer).__name__,
-               tp=mpu.tp if mpu else groups.get_tensor_model_parallel_world_size(), dp=dp,
+               tp=mpu.tp if mpu else groups.get_tensor_model_parallel_world_size() if autotp else 1, dp=dp,
                comm_groups=len(getattr(inner.last_comm, "groups", ()) or ()))
     engine.destroy() if hasattr(engine, "destroy") else None
     return out

@@ -20,9 +20,28 @@ FP32_TOL = 2e-5  # relative, on the weight change (measured <= 3e-6: TP and dens
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def plan(world: int) -> list[tuple[str, dict, dict]]:
+UNIVERSAL = (("SinkGD", 2), ("SCALE", 2), ("SinkGD", 1))
+
+
+def plan(world: int, ckpt_root: str) -> list[tuple[str, dict, dict]]:
     tp, dp = 2, world // 2
     cfgs = []
+    # TP 2 saves after 2 of 3 steps; 4 ranks load its universal form at TP 1 and TP 2 (the TP 1 engines first:
+    # DeepSpeed keeps AutoTP's training mode process-wide once an AutoTP engine was built)
+    for new_tp, (opt, stage) in [(new_tp, u) for new_tp in (1, 2) for u in UNIVERSAL]:
+        where = f"{ckpt_root}/universal-{opt}-z{stage}"
+        if world == 2:
+            if new_tp == 1:
+                cfgs.append((f"universal-{opt}-z{stage}-source", ds_config(opt, stage, tp, dp),
+                             {"steps": 3, "ckpt": where, "save_after": 2}))
+        else:
+            cfg = {**ds_config(opt, stage, new_tp, world // new_tp), "checkpoint": {"load_universal": True}}
+            cfgs.append((f"universal-{opt}-z{stage}-tp{new_tp}", cfg,
+                         {"steps": 3, "ckpt": where, "start": 2, "load_tag": "universal"}))
+    for opt, stage in (("SinkGD", 1), ("SinkGD", 2), ("SinkGD", 3), ("SCALE", 2)):  # save after 2 of 4 steps, resume
+        cfg, where = ds_config(opt, stage, tp, dp), f"{ckpt_root}/{opt}-z{stage}"
+        cfgs.append((f"resume-{opt}-z{stage}-straight", cfg, {"steps": 4, "ckpt": where, "save_after": 2}))
+        cfgs.append((f"resume-{opt}-z{stage}-resumed", cfg, {"steps": 4, "ckpt": where, "start": 2}))
     for opt in ("SinkGD", "SCALE"):
         for stage in (0, 1, 2, 3):
             cfgs.append((f"{opt}-z{stage}", ds_config(opt, stage, tp, dp), {}))
@@ -82,8 +101,18 @@ def reference(opt: str, steps: int = 3, gas: int = 1, clip: float = 0.0, bf16: b
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return {world: spawn(run_configs, world, plan(world), timeout=900) for world in (2, 4)}
+def runs(tmp_path_factory):
+    """One launch per world size; between them the 2-rank run's TP 2 checkpoints go to the universal format."""
+    from sinkgd_ds.checkpoint import to_universal
+
+    root = tmp_path_factory.mktemp("tp_ckpt")
+    out = {2: spawn(run_configs, 2, plan(2, str(root)), timeout=900)}
+    for opt, stage in UNIVERSAL:
+        where = root / f"universal-{opt}-z{stage}"
+        if (where / "saved").is_dir():
+            to_universal(str(where / "saved"), str(where / "universal"))
+    out[4] = spawn(run_configs, 4, plan(4, str(root)), timeout=900)
+    return out
 
 
 def rel_change(got: torch.Tensor, want: torch.Tensor, start: torch.Tensor) -> float:
@@ -234,6 +263,41 @@ def test_marked_slices_are_refused_in_one_process_too():
     del w.tensor_model_parallel
     opt.step()  # (the head, on AdamW, is fine sliced)
     assert not torch.equal(head.detach(), before[1])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("key", ["SinkGD-z1", "SinkGD-z2", "SinkGD-z3", "SCALE-z2"])
+def test_checkpoint_resumes_bit_for_bit_at_the_same_layout(runs, world, key):
+    """engine.save_checkpoint after 2 of 4 steps, a new engine loads it and trains steps 3-4: every weight and the
+    last two losses equal the uninterrupted run's, bit for bit (SCALE: its head momentum travels too)."""
+    for r in runs[world]:
+        straight, resumed = r[f"resume-{key}-straight"], r[f"resume-{key}-resumed"]
+        assert "error" not in straight and "error" not in resumed, (straight.get("error"), resumed.get("error"))
+        assert resumed["losses"] == straight["losses"][2:]
+        for n, w in straight["weights"].items():
+            assert torch.equal(resumed["weights"][n], w), n
+        assert any(not torch.equal(w, p) for (n, w), p in zip(straight["weights"].items(),
+                                                             dict(llama().named_parameters()).values()))
+
+
+@pytest.mark.parametrize("new_tp", [1, 2])
+@pytest.mark.parametrize("opt,stage", UNIVERSAL)
+def test_universal_checkpoint_changes_the_tp_size(runs, opt, stage, new_tp):
+    """A TP 2 x DP 1 checkpoint through sinkgd_ds.checkpoint's universal conversion (DeepSpeed merges the TP
+    slices), loaded at TP 1 x DP 4 and TP 2 x DP 2: every weight arrives bit for bit, and the next step equals
+    the TP 2 run's own next step (AdamW moments and SCALE's head momentum resharded)."""
+    source = runs[2][0][f"universal-{opt}-z{stage}-source"]
+    assert "error" not in source, source.get("error")
+    for r in runs[4]:
+        res = r[f"universal-{opt}-z{stage}-tp{new_tp}"]
+        assert "error" not in res, res.get("error")
+        assert (res["tp"], res["dp"]) == (new_tp, 4 // new_tp)
+        for n, w in source["first"]["saved"].items():
+            assert torch.equal(res["first"]["loaded"][n], w), n
+        saved = source["first"]["saved"]
+        bad = {n: e for n, w in source["weights"].items()
+               if (e := rel_change(res["weights"][n], w, saved[n])) > FP32_TOL}
+        assert not bad, bad
 
 
 def test_one_verdict_for_a_non_finite_step(runs):
