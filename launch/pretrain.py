@@ -1,6 +1,7 @@
 """LLaMA pretraining with SinkGD / SCALE / SWAN (or AdamW) on a DeepSpeed engine.
 
     deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config configs/zero2_sinkgd.json --model tiny
+    deepspeed --num_gpus 4 launch/pretrain.py --deepspeed_config configs/zero2_sinkgd.json --tp 2   # AutoTP
     torchrun --nproc_per_node 2 launch/pretrain.py --deepspeed_config configs/zero2_sinkgd.json
     mpirun -np 2 python launch/pretrain.py --deepspeed_config configs/zero2_sinkgd.json
 
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="bf16 weights, gradients and optimizer state with no fp32 master copy (DeepSpeed "
                     "bf16_master_weights_and_grads + bf16_optimizer_states, ZeRO 1-3); our optimizers round their "
                     "updates stochastically (docs/precision.md)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group, through DeepSpeed's AutoTP "
+                    "(q/k/v/gate/up cut by output, o/down by input; ZeRO shards over the data-parallel ranks; "
+                    "sets tensor_parallel.autotp_size)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<model>-<optimizer>-zero<stage>)")
     add_run_control_args(ap)
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -63,12 +67,14 @@ def map_mpi_env() -> None:
         os.environ.setdefault("MASTER_PORT", "29533")
 
 
-def prepare(args: argparse.Namespace, tensor_parallel: int = 1, engine: str = "deepspeed") -> dict[str, Any]:
+def prepare(args: argparse.Namespace, tensor_parallel: int | None = None, engine: str = "deepspeed") -> dict[str, Any]:
     """Everything that can fail on bad input, before any process group starts (``tensor_parallel``: ranks per
-    tensor-parallel group; the batch is split over the other, data-parallel, dimension; ``engine``: "deepspeed" or
-    "fsdp", which decides what a resumed checkpoint must share with this run)."""
+    tensor-parallel group, by default ``args.tp``; the batch is split over the other, data-parallel, dimension;
+    ``engine``: "deepspeed" or "fsdp", which decides what a resumed checkpoint must share with this run)."""
     from launch import runstate
     from launch.data import check_lengths, load_tokens
+
+    tensor_parallel = getattr(args, "tp", 1) if tensor_parallel is None else tensor_parallel
 
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -84,6 +90,8 @@ def prepare(args: argparse.Namespace, tensor_parallel: int = 1, engine: str = "d
     model_name = Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "runs" / f"{model_name}-{ds_path.stem}"
     ds = resolve_ds_config(ds_path, run, out, args.micro_batch, args.bf16, world, getattr(args, "pure_bf16", False))
+    if engine == "deepspeed":
+        ds = with_autotp(ds, ds_path, run, tensor_parallel)
     runstate.prepare_out_dir(out, args.resume, args.overwrite)
     check_stop_at_step(args.stop_at_step, run["train"]["steps"])
     d = run["data"]
@@ -95,10 +103,36 @@ def prepare(args: argparse.Namespace, tensor_parallel: int = 1, engine: str = "d
     if args.resume:
         # ZeRO partitions (stage >= 1) load only at the data-parallel size that wrote them; DCP (FSDP2) reshards
         must = ["engine", "model", "vocab_size", "data_sha256", "optimizer", "precision"] + \
-            (["zero_stage"] + (["data_parallel"] if identity["zero_stage"] else []) if engine == "deepspeed" else [])
+            (["zero_stage", "tensor_parallel"] + (["data_parallel"] if identity["zero_stage"] else [])
+             if engine == "deepspeed" else [])
         plan["resume_from"], plan["rejected"] = runstate.select_resume(
             out, {k: identity[k] for k in must}, args.resume_fallback)
     return plan
+
+
+def with_autotp(ds: dict[str, Any], ds_path: Path, run: dict[str, Any], tp: int) -> dict[str, Any]:
+    """``--tp N`` as DeepSpeed's AutoTP (``tensor_parallel.autotp_size``), checked against the JSON and the model
+    before any process group: a JSON that asks for another size, SWAN (whose whitening needs whole matrices) or
+    fewer key-value heads than TP ranks is refused by name."""
+    given = ds.get("tensor_parallel", {}).get("autotp_size")
+    if given not in (None, 0, 1, tp):
+        raise ConfigError(f"{ds_path.name}: tensor_parallel.autotp_size={given} but --tp={tp}; set the "
+                          "tensor-parallel size in one place (--tp)")
+    if tp == 1:
+        return ds
+    optimizer = str(ds.get("optimizer", {}).get("type", "")).lower()
+    if optimizer == "swan":
+        raise ConfigError(f"--tp={tp}: {ds_path.name} asks for SWAN, whose whitening needs whole matrices; use "
+                          "SinkGD or SCALE with tensor parallelism, or --tp 1")
+    m = run["model"]
+    kv = m.get("num_key_value_heads") or m["num_attention_heads"]
+    if kv < tp:
+        raise ConfigError(f"--tp={tp}: model.num_key_value_heads={kv} is smaller (AutoTP cuts attention by "
+                          "key-value heads); allowed: --tp <= the key-value head count")
+    # (DeepSpeed 0.19.8 checks train_batch_size against micro x accumulation x *all* ranks before AutoTP has made
+    # its groups, so the batch is given by those two alone; the ranks of a TP group share their micro-batches)
+    ds = {k: v for k, v in ds.items() if k != "train_batch_size"}
+    return {**ds, "tensor_parallel": {**ds.get("tensor_parallel", {}), "autotp_size": tp}}
 
 
 def precision(ds: dict[str, Any]) -> str:
@@ -126,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from launch import runstate
         from launch.trainer import train as train_on_deepspeed  # deepspeed is imported only after the checks
 
-        runstate.leave(train_on_deepspeed(plan, args))  # (the process group is down, every file written)
+        runstate.leave(train_on_deepspeed(plan, args, tensor_parallel=args.tp))  # (group down, files written)
 
     return run_entry(lambda: prepare(args), train)
 

@@ -69,7 +69,8 @@ def layout_label(engine: Any) -> str:
 
 
 def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, tensor_parallel: int = 1) -> int:
-    """The loop on a DeepSpeed engine, or (``fsdp``) on torch's FSDP2 through ``launch.fsdp_engine``."""
+    """The loop on a DeepSpeed engine (``tensor_parallel``: AutoTP's size), or (``fsdp``) on torch's FSDP2 through
+    ``launch.fsdp_engine``."""
     import deepspeed
 
     import sinkgd_ds  # noqa: F401  - registers "SinkGD" / "SCALE" / "SWAN" as DeepSpeed optimizer types
@@ -95,6 +96,12 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
         engine = FSDPEngine(model, ds_cfg, tensor_parallel)
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+        if tensor_parallel > 1:  # AutoTP: the ranks of one TP group take the same micro-batches
+            from deepspeed.utils import groups
+
+            engine.data_parallel_rank = groups.get_data_parallel_rank()
+            engine.data_parallel_size = groups.get_data_parallel_world_size()
+            engine.layout_label = f"ZeRO-{engine.zero_optimization_stage()} x AutoTP{tensor_parallel}"
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     seq, batch = t["seq_len"], t["batch_size"]
     state: dict[str, Any] = {"step": 0, "losses": [], "val": [], "tokens": 0, "skipped": [],

@@ -111,6 +111,24 @@ def test_bad_input_is_named_before_any_process_group(tmp_path):
         r"--pure_bf16 needs ZeRO stage 1, 2 or 3 .*zero_optimization\.stage=0")
 
 
+def test_bad_tensor_parallel_input_is_named_before_any_process_group(tmp_path, monkeypatch):
+    out = ["--out", str(tmp_path / "run")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bad(["--tp", "3", *out], ConfigError, r"--tp=3 must be a positive divisor of the world size 2")
+    bad(["--tp", "2", "--deepspeed_config", "configs/zero2_swan.json", *out], ConfigError,
+        r"--tp=2: zero2_swan\.json asks for SWAN, whose whitening needs whole matrices")
+    bad(["--tp", "2", "--set", "model.num_key_value_heads=1", *out], ConfigError,
+        r"--tp=2: model\.num_key_value_heads=1 is smaller")
+    other = tmp_path / "autotp4.json"
+    other.write_text(json.dumps({**json.loads((ROOT / "configs/zero2_sinkgd.json").read_text()),
+                                 "tensor_parallel": {"autotp_size": 4}}))
+    bad(["--tp", "2", "--deepspeed_config", str(other), *out], ConfigError,
+        r"autotp4\.json: tensor_parallel\.autotp_size=4 but --tp=2")
+    plan = prepare(parse_args(["--tp", "2", *out]), 2)
+    assert plan["ds"]["tensor_parallel"] == {"autotp_size": 2} and plan["identity"]["tensor_parallel"] == 2
+    assert plan["world"] == 1 and "train_batch_size" not in plan["ds"]
+
+
 def test_pure_bf16_asks_deepspeed_for_bf16_masters_gradients_and_state(tmp_path):
     plan = prepare(parse_args(["--pure_bf16", "--out", str(tmp_path / "run")]))
     assert plan["ds"]["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True,
@@ -178,6 +196,25 @@ def test_train_sigterm_and_exact_resume(tmp_path):
     assert resumed["losses"] == losses  # bit-identical: the next losses after resume equal the uninterrupted run's
     assert resumed["val"] == full["val"]
     assert resumed["data_sha256"] == full["data_sha256"]
+
+
+def test_tensor_parallel_through_autotp_trains_as_one_rank_and_resumes_exactly(tmp_path):
+    """--tp 2 on 2 ranks (AutoTP, ZeRO-2 over the one data-parallel rank) against the same job on 1 rank: losses
+    and val losses within float noise (TP sums in another order); stopped at step 4 and resumed, bit for bit."""
+    one, tp, cut = tmp_path / "one", tmp_path / "tp", tmp_path / "cut"
+    single = [str(BIN / "torchrun"), "--nproc_per_node", "1", "--master_port", str(free_port())]
+    ok(launch(single, ["--out", str(one)]))
+    ok(launch(torchrun_cmd(), ["--out", str(tp), "--tp", "2"]))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one, tp))
+    assert b["layout"] == "ZeRO-2 x AutoTP2" and b["world"] == 2
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5) and b["losses"][-1] < b["losses"][0] - 1.0
+    assert [v for _, v in b["val"]] == pytest.approx([v for _, v in a["val"]], rel=1e-5)
+    ok(launch(torchrun_cmd(), ["--out", str(cut), "--tp", "2", "--stop_at_step", "4"]))
+    ok(launch(torchrun_cmd(), ["--out", str(cut), "--tp", "2", "--resume"]))
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["resumed_from"] == 4 and resumed["losses"] == b["losses"] and resumed["val"] == b["val"]
+    proc = launch(torchrun_cmd(), ["--out", str(cut), "--resume", "--set", f"train.steps={STEPS + 2}"])
+    assert proc.returncode != 0 and "tensor_parallel" in proc.stdout + proc.stderr  # (--tp 1 on a TP 2 checkpoint)
 
 
 def test_megatron_indexed_dataset_roundtrip(tmp_path):
