@@ -58,7 +58,9 @@ def main() -> None:
     engine = trainer.model_wrapped
     inner = engine.basic_optimizer
     # a rank lists only the matrices it holds a piece of: gather the names from all ranks
-    mine = {s.name for g in inner.param_groups if g["kind"] != "adamw" for s in inner.matrix_specs(g)}
+    specs = [s for g in inner.param_groups if g["kind"] != "adamw" for s in inner.matrix_specs(g)]
+    mine = {s.name for s in specs}
+    sliced = sorted({s.name for s in specs if s.row_group is not None or s.col_group is not None})
     everyone: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, sorted(mine))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -69,7 +71,7 @@ def main() -> None:
                       matrix_state=sum(len(inner.state[p]) for g in inner.param_groups if g["kind"] != "adamw"
                                        for p in g["params"]),
                       lrs=[g["lr"] for g in inner.param_groups],
-                      matrices=sorted(set().union(*everyone)))
+                      matrices=sorted(set().union(*everyone)), tp_sliced=sliced)
         with open(args.out, "w") as f:
             json.dump(report, f)
     leave()
