@@ -88,11 +88,45 @@ class MPU:
         return self.dp
 
 
+class ParallelStateMPU(MPU):
+    """megatron.core.parallel_state seen through the mpu interface DeepSpeed asks for (Megatron-DeepSpeed ships
+    such an mpu; megatron-core's own module lacks get_model_parallel_world_size / _rank)."""
+
+    def __init__(self, tp: int):
+        from megatron.core import parallel_state as ps
+
+        from . import megatron_cpu_shim
+
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        megatron_cpu_shim.install()
+        self.tp, self.dp = tp, ps.get_data_parallel_world_size()
+        self.tp_group, self.dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
+        self.tp_rank, self.dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+
+
+class MegatronCoreLinears(torch.nn.Module):
+    """Megatron-Core's ColumnParallelLinear / RowParallelLinear as ``up`` / ``down`` (their ``(output, bias)``
+    returns unwrapped)."""
+
+    def __init__(self, d: int, ff: int, tp: int):
+        from megatron.core.model_parallel_config import ModelParallelConfig
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__()
+        cfg = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                                  gradient_accumulation_fusion=False)
+        init = torch.nn.init.xavier_normal_
+        self.up = ColumnParallelLinear(d, ff, config=cfg, init_method=init, bias=True, gather_output=False)
+        self.down = RowParallelLinear(ff, d, config=cfg, init_method=init, bias=False, input_is_parallel=True,
+                                      skip_bias_add=False)
+
+
 class TPLM(torch.nn.Module):
     """Embedding, a column-parallel ``up`` (DeepSpeed's ``LinearLayer``) and a row-parallel ``down``
     (``LinearAllreduce``) on the mpu's TP group, LM head; ``group=None`` builds the unsharded model."""
 
-    def __init__(self, group=None, seed: int = 0, d: int = 24, ff: int = 40):
+    def __init__(self, group=None, seed: int = 0, d: int = 24, ff: int = 40, mcore_tp: int = 0):
         from types import SimpleNamespace
 
         super().__init__()
@@ -102,7 +136,11 @@ class TPLM(torch.nn.Module):
         self.up = torch.nn.Linear(d, ff)
         self.down = torch.nn.Linear(ff, d, bias=False)
         self.lm_head = torch.nn.Linear(d, VOCAB, bias=False)
-        if group is not None:
+        self._unwrap = bool(mcore_tp)
+        if mcore_tp:
+            linears = MegatronCoreLinears(d, ff, mcore_tp)
+            self.up, self.down = linears.up, linears.down
+        elif group is not None:
             from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
 
             set_autotp_mode(training=True)
@@ -112,7 +150,10 @@ class TPLM(torch.nn.Module):
 
     def forward(self, input_ids, labels):
         h = self.embed_tokens(input_ids)
-        h = h + self.down(torch.nn.functional.gelu(self.up(self.norm(h))))
+        if self._unwrap:
+            h = h + self.down(torch.nn.functional.gelu(self.up(self.norm(h))[0]))[0]
+        else:
+            h = h + self.down(torch.nn.functional.gelu(self.up(self.norm(h))))
         logits = self.lm_head(h)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
         return self._out(loss=loss)
@@ -210,14 +251,25 @@ def plain_torch_on_slices(tp: int) -> dict:
 
 def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | None = None,
           tp_model_init: bool = False, mpu_tp: int = 0, client: bool = False, arch: str = "llama",
-          ckpt: str | None = None, save_after: int | None = None, start: int = 0, load_tag: str = "saved") -> dict:
+          ckpt: str | None = None, save_after: int | None = None, start: int = 0, load_tag: str = "saved",
+          mcore_tp: int = 0) -> dict:
     """``ckpt``: with ``save_after``, save there after that many steps (and go on); with ``start``, load it and
     train from that step."""
     import deepspeed
     from deepspeed.utils import groups
 
-    mpu = MPU(mpu_tp) if mpu_tp else None
-    model = TPLM(mpu.tp_group) if mpu else {"llama": llama, "phi3": phi3}[arch](uneven=uneven)
+    if "tensor_parallel" not in cfg:  # (an earlier AutoTP engine in this process left AutoTP's training mode on,
+        # and an earlier tp_model_init its recorded arguments, which DeepSpeed would apply to this engine)
+        from deepspeed.module_inject import set_autotp_mode
+        from deepspeed.runtime.tensor_parallel import init_utils
+
+        set_autotp_mode(training=False)
+        init_utils._TP_MODEL_INIT_ARGS = None
+    mpu = ParallelStateMPU(mcore_tp) if mcore_tp else MPU(mpu_tp) if mpu_tp else None
+    if mcore_tp:
+        model = TPLM(mcore_tp=mcore_tp)
+    else:
+        model = TPLM(mpu.tp_group) if mpu else {"llama": llama, "phi3": phi3}[arch](uneven=uneven)
     poison = {"on": False}
     if tp_model_init:
         tp = cfg["tensor_parallel"]["autotp_size"]

@@ -17,6 +17,8 @@ from torch.overrides import TorchFunctionMode
 
 
 def _cpu(device):
+    if isinstance(device, bool):  # (``non_blocking`` passed by position, as nn.Module.to does)
+        return device
     if isinstance(device, int) or (isinstance(device, (str, torch.device)) and str(device).startswith("cuda")):
         return "cpu"
     return device

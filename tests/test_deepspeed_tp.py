@@ -62,15 +62,23 @@ def plan(world: int, ckpt_root: str) -> list[tuple[str, dict, dict]]:
         cfgs.append(("plain-torch", {}, {"tp": tp}))
         for opt, stage in (("SinkGD", 1), ("SinkGD", 3), ("SCALE", 2)):  # fused qkv_proj / gate_up_proj
             cfgs.append((f"phi3-{opt}-z{stage}", ds_config(opt, stage, tp, dp, preset="fused-mlp"), {"arch": "phi3"}))
+    # last: megatron-core's CPU test fixture stays installed in the process once a Megatron-Core model was built
+    for stage in (1, 2):
+        cfgs.append((f"mcore-SinkGD-z{stage}", ds_config("SinkGD", stage, 1, dp), {"mcore_tp": tp}))
     return cfgs
 
 
 def reference(opt: str, steps: int = 3, gas: int = 1, clip: float = 0.0, bf16: bool = False, uneven: bool = False,
-              shards: int = 1, skip_step: int | None = None, make=llama) -> dict[str, torch.Tensor]:
+              shards: int = 1, skip_step: int | None = None, make=llama,
+              init: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The same optimizer on the unsharded model, one process: the gradient of the mean loss over the micro-batches
     DeepSpeed's data-parallel ranks and accumulation steps see (``shards`` of them per step). ``bf16``: DeepSpeed's
     mixed precision (fp32 masters from the bf16-rounded model, forward and backward on a bf16 copy)."""
     model = make(uneven=uneven)
+    if init is not None:  # (weights initialised by the engine's own layers)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(init[n])
     if bf16:
         with torch.no_grad():
             for p in model.parameters():
@@ -120,10 +128,11 @@ def rel_change(got: torch.Tensor, want: torch.Tensor, start: torch.Tensor) -> fl
     return float((got.double() - want.double()).norm() / d)
 
 
-def check(result: dict, want: dict[str, torch.Tensor], tol: float, key: str) -> None:
+def check(result: dict, want: dict[str, torch.Tensor], tol: float, key: str,
+          start: dict[str, torch.Tensor] | None = None) -> None:
     assert "error" not in result, f"{key}: {result.get('error')}"
     make = dense_tplm if key.startswith("mpu") else phi3 if key.startswith("phi3") else llama
-    start = {n: p.detach() for n, p in make(uneven="uneven" in key).named_parameters()}
+    start = start or {n: p.detach() for n, p in make(uneven="uneven" in key).named_parameters()}
     worst = {}
     for n, w in want.items():
         got = result["weights"][n]
@@ -172,6 +181,21 @@ def test_fused_weights_cut_per_sub_parameter(runs, key):
     assert "error" not in r, r.get("error")
     assert r["partition_sizes"]["model.layers.0.mlp.gate_up_proj.weight"] == ((48, 48), (48, 48))
     check(r, reference(key.split("-")[1], make=phi3), FP32_TOL, key)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_megatron_core_layers_with_an_mpu(runs, world, stage):
+    """Megatron-Core's ColumnParallelLinear / RowParallelLinear (weights marked tensor_model_parallel, partition_dim)
+    under DeepSpeed with megatron.core.parallel_state as the mpu (docs/deepspeed_tp.md's example): equal to the
+    unsharded model started from the same (Megatron-initialised) weights."""
+    key = f"mcore-SinkGD-z{stage}"
+    first = runs[world][0][key]
+    assert "error" not in first, first.get("error")
+    want = reference("SinkGD", shards=world // 2, make=dense_tplm, init=first["first"]["before"])
+    for r in runs[world]:
+        assert (r[key].get("tp"), r[key].get("dp")) == (2, world // 2), r[key].get("error")
+        check(r[key], want, FP32_TOL, f"{key}-w{world}", start=first["first"]["before"])
 
 
 def test_uneven_slices(runs):
