@@ -55,6 +55,10 @@ def plan(world: int, ckpt_root: str) -> list[tuple[str, dict, dict]]:
         cfgs.append(("clip-z1", ds_config("SinkGD", 1, tp, dp, clip=0.05), {}))
         cfgs.append(("bf16-z1", ds_config("SinkGD", 1, tp, dp, bf16=True), {}))
         cfgs.append(("bf16-z2", ds_config("SCALE", 2, tp, dp, bf16=True), {}))
+        bf16acc = ds_config("SinkGD", 1, tp, dp, bf16=True)  # fp32 gradient accumulation: BF16_Optimizer
+        bf16acc["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfgs.append(("bf16acc-z1", bf16acc, {}))
+        cfgs.append(("preset-llama-z2", ds_config("SinkGD", 2, tp, dp, preset="llama"), {}))
         cfgs.append(("nan-z2", ds_config("SinkGD", 2, tp, dp), {"poison_step": 1}))
         cfgs.append(("tp_model_init-z1", ds_config("SinkGD", 1, tp, dp), {"tp_model_init": True}))
         cfgs.append(("client-z2", ds_config("SinkGD", 2, tp, dp), {"client": True}))
@@ -222,13 +226,16 @@ def one_step(opt: str, before: dict[str, torch.Tensor], grads: dict[str, torch.T
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("key,opt", [("bf16-z1", "SinkGD"), ("bf16-z2", "SCALE"), ("SinkGD-z3", "SinkGD")])
+@pytest.mark.parametrize("key,opt", [("bf16-z1", "SinkGD"), ("bf16-z2", "SCALE"), ("bf16acc-z1", "SinkGD"),
+                                     ("SinkGD-z3", "SinkGD")])
 def test_first_step_from_deepspeeds_own_gradients(runs, key, opt):
     """bf16 under TP rounds the forward and the TP all-reduces differently from any dense bf16 run, so the
     optimizer is checked on its own: the first step, from the fp32 masters and the full gradients DeepSpeed
     handed it (TP slices and ZeRO partitions gathered), equals the unsharded optimizer's step from the same."""
     r = runs[2][0][key]
     assert "error" not in r, r.get("error")
+    if key == "bf16acc-z1":
+        assert r["wrapper"] == "BF16_Optimizer"
     first = r["first"]
     assert set(first) == {"before", "grads", "after"}
     want = one_step(opt, first["before"], first["grads"])
@@ -246,6 +253,11 @@ def test_bf16_runs_track_the_dense_bf16_run(runs):
         start = {n: p.detach() for n, p in llama().named_parameters()}
         errs = [rel_change(r["weights"][n], want[n], start[n]) for n in want if any(p in n for p in PROJ)]
         assert max(errs) < 0.1, (key, max(errs))
+
+
+def test_autotp_preset(runs):
+    """AutoTP's "llama" preset instead of the model's own TP plan."""
+    check(runs[2][0]["preset-llama-z2"], reference("SinkGD"), FP32_TOL, "preset-llama-z2")
 
 
 def test_tp_model_init(runs):
