@@ -43,7 +43,7 @@ _FLAG_SETS = (
     ["-O3", "-fopenmp"],
     ["-O3"],  # e.g. Apple clang without libomp: serial, still one pass per iteration
 )
-_COMMON = ["-std=c++17", "-fPIC", "-shared"]
+_COMMON = ["-std=c++17", "-fPIC", "-shared", "-ffp-contract=off"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
