@@ -80,7 +80,18 @@ def load(path: str | Path, mmap: bool = False) -> Any:
 
 def _load_torch(source: str | IO[bytes], where: str, mmap: bool = False) -> Any:
     """Any class the file names outside the allow-lists is refused by name before torch reads it; whatever else
-    torch's weights-only unpickler refuses (an opcode it cannot vouch for, a damaged stream) is refused too."""
+    torch's weights-only unpickler refuses (an opcode it cannot vouch for, a damaged stream) is refused too.
+    Classes other code registered with torch process-wide (megatron-core adds argparse.Namespace, numpy arrays,
+    ... on import) are set aside meanwhile: the allow-list is ours alone."""
+    registered = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        return _load_torch_alone(source, where, mmap)
+    finally:
+        torch.serialization.add_safe_globals(registered)
+
+
+def _load_torch_alone(source: str | IO[bytes], where: str, mmap: bool) -> Any:
     zipped = _is_zip(source)
     names = _named_globals(source) if zipped else []  # (other formats: torch's weights-only unpickler judges alone)
     foreign = sorted(set(names) - set(TORCH_FILE_TYPES))
