@@ -267,15 +267,17 @@ def test_state_dict_of_views_saves_loads_and_resumes_bit_for_bit(cls, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- a tensor lr
+@pytest.mark.parametrize("implementation", IMPLS)
 @pytest.mark.parametrize("cls", [SinkGD, SCALE, SWAN])
-def test_one_element_tensor_lr_steps_as_the_number(cls):
-    """As torch's optimizers: a 1-element tensor lr (0-d or shape (1,)) is accepted, steps exactly as the float,
-    and a scheduler changes it in place."""
+def test_one_element_tensor_lr_steps_as_the_number(cls, implementation):
+    """As torch's optimizers: a 1-element tensor lr (0-d or shape (1,)) is accepted, steps exactly as the float it
+    holds (float64 tensors here: a float32 one holds 0.01 only to 7 digits, and steps as that value), and a
+    scheduler changes it in place."""
     finals = []
-    for lr in (0.01, torch.tensor(0.01), torch.tensor([0.01])):
+    for lr in (0.01, torch.tensor(0.01, dtype=torch.float64), torch.tensor([0.01], dtype=torch.float64)):
         params = _params(6, torch.float32, cls is not SCALE, False)
         shapes = [(n, p.shape) for n, p in params.items()]
-        kw = {**_kwargs(cls, "auto", None), "lr": lr}
+        kw = {**_kwargs(cls, implementation, None), "lr": lr}
         opt = cls(list(params.items()), **kw)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
         for i in range(3):
