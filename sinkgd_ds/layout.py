@@ -203,6 +203,14 @@ class FlatMatrix:
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    def spec(self, fragments: tuple[Fragment, ...], owner: torch.Tensor, shard_group: object | None = None
+             ) -> MatrixSpec:
+        """This matrix as the pieces ``fragments`` of it that ``owner`` holds (``shard_group``: the ranks holding
+        the other pieces)."""
+        return MatrixSpec(self.name, self.shape, fragments, owner=owner, global_shape=self.global_shape,
+                          blocks=self.blocks, shard_group=shard_group, row_group=self.row_group,
+                          col_group=self.col_group, global_offset=self.global_offset)
+
 
 def flat_partition_specs(
     matrices: Sequence[FlatMatrix],
@@ -229,7 +237,5 @@ def flat_partition_specs(
         if rank in holders:
             s, e = max(lo, mlo), min(hi, mhi)
             frags = (Fragment(partition, s - lo, s - mlo, e - s),)
-        specs.append(MatrixSpec(mat.name, mat.shape, frags, owner=partition, global_shape=mat.global_shape,
-                                blocks=mat.blocks, shard_group=group if shared else None,
-                                row_group=mat.row_group, col_group=mat.col_group, global_offset=mat.global_offset))
+        specs.append(mat.spec(frags, partition, group if shared else None))
     return specs

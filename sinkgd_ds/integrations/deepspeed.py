@@ -149,9 +149,7 @@ def zero3_specs(z3, inner: MatrixOptimizer, tps: TPMap | None = None) -> list[Ma
             if k or shared:
                 frags = (Fragment(owner, off, start, k),) if k else ()
                 mat = _flat_matrix(inner._name(p) or f"subgroup{sg}.ds{p.ds_id}", p.ds_shape, 0, _tp_of(p, tps))
-                specs.append(MatrixSpec(mat.name, mat.shape, frags, owner=owner, global_shape=mat.global_shape,
-                                        shard_group=group if shared else None, row_group=mat.row_group,
-                                        col_group=mat.col_group, global_offset=mat.global_offset))
+                specs.append(mat.spec(frags, owner, group if shared else None))
             off += ps
     return specs
 
@@ -166,10 +164,7 @@ def stage0_specs(inner: MatrixOptimizer, tps: TPMap) -> list[MatrixSpec]:
         for p in pg["params"]:
             tp = _tp_of(p, tps)
             if tp is not None:
-                mat = _flat_matrix(inner._label(p), p.shape, 0, tp)
-                specs.append(MatrixSpec(mat.name, mat.shape, (Fragment(p, 0, 0, p.numel()),), owner=p,
-                                        global_shape=mat.global_shape, row_group=mat.row_group,
-                                        col_group=mat.col_group, global_offset=mat.global_offset))
+                specs.append(_flat_matrix(inner._label(p), p.shape, 0, tp).spec((Fragment(p, 0, 0, p.numel()),), p))
     return specs
 
 

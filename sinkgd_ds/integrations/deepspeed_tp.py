@@ -115,7 +115,7 @@ def megatron_slice(name: str, p: torch.Tensor, group) -> TPSlice:
         raise ValueError(f"sinkgd_ds: {name!r}: partition_stride={p.partition_stride} (strided TP slices) is not "
                          "described; refused")
     local, world = _local_shape(p), dist.get_world_size(group=group)
-    return _slice(name, local, dim, [local[dim] if len(local) == 2 else 0] * world, dist.get_rank(group=group), group)
+    return _slice(name, local, dim, [local[dim]] * world, dist.get_rank(group=group), group)
 
 
 def _mpu_group(mpu: Any):
