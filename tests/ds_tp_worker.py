@@ -326,14 +326,12 @@ def train(cfg: dict, steps: int = 3, uneven: bool = False, poison_step: int | No
     return out
 
 
-def run_configs(rank: int, world: int, configs: list[tuple[str, dict, dict]]) -> dict:
-    import deepspeed
+def _run_one(key: str, cfg: dict, kw: dict) -> dict:
+    return plain_torch_on_slices(**kw) if key == "plain-torch" else train(cfg, **kw)
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    results = {}
-    for key, cfg, kw in configs:
-        try:
-            results[key] = plain_torch_on_slices(**kw) if key == "plain-torch" else train(cfg, **kw)
-        except Exception as e:  # noqa: BLE001 - reported per config
-            results[key] = {"error": f"{type(e).__name__}: {e}"}
-    return results
+
+def run_configs(rank: int, world: int, configs: list[tuple[str, dict, dict]]) -> dict:
+    """As ``ds_worker.run_configs``, with this module's runs."""
+    from . import ds_worker
+
+    return ds_worker.run_configs(rank, world, configs, run=_run_one)

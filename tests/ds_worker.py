@@ -124,14 +124,16 @@ def train(cfg: dict, steps: int = 3, poison_step: int | None = None) -> dict:
     return out
 
 
-def run_configs(rank: int, world: int, configs: list[tuple[str, dict, dict]]) -> dict:
+def run_configs(rank: int, world: int, configs: list[tuple[str, dict, dict]], run=None) -> dict:
+    """Every ``(key, config, kwargs)`` in one process group: ``run(key, config, kwargs)`` (default: :func:`train`),
+    a failure reported under its key while the others go on."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for key, cfg, kw in configs:
         try:
-            results[key] = train(cfg, **kw)
+            results[key] = run(key, cfg, kw) if run is not None else train(cfg, **kw)
         except Exception as e:  # noqa: BLE001 - reported per config
             results[key] = {"error": f"{type(e).__name__}: {e}"}
     return results
