@@ -78,6 +78,7 @@ class Options:
     world: int = 2
     optimizers: list[str] = field(default_factory=lambda: list(FAMILIES))
     adamw_lrs: list[float] = field(default_factory=lambda: list(DEFAULT_ADAMW_LRS))
+    sinkgd_lrs: list[float] | None = None  # None: the repo JSON's lr, one run per SinkGD family
     seeds: list[int] | None = None
     out: Path = ROOT / "runs" / "compare"
     eval_every: int | None = None
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"subset of {', '.join(FAMILIES)} (default: all; commas also separate)")
     ap.add_argument("--adamw-lrs", nargs="+", default=None, metavar="LR",
                     help=f"AdamW lr sweep (default: {' '.join(f'{lr:g}' for lr in DEFAULT_ADAMW_LRS)})")
+    ap.add_argument("--sinkgd-lrs", nargs="+", default=None, metavar="LR",
+                    help="SinkGD lrs to sweep (one run each for sinkgd-l5 / sinkgd-l1; default: the repo JSON's lr)")
     ap.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
                     help="train.seed values; more than one: mean and spread (default: the model config's)")
     ap.add_argument("--eval-every", default=None, help="eval.every in steps (default: the model config's)")
@@ -150,22 +153,22 @@ def parse_optimizers(values: Sequence[str] | None) -> list[str]:
     return names
 
 
-def parse_lrs(values: Sequence[str] | None) -> list[float]:
+def parse_lrs(values: Sequence[str] | None, option: str = "--adamw-lrs") -> list[float]:
     texts = _split(values)
     if texts is None:
         return list(DEFAULT_ADAMW_LRS)
     if not texts:
-        raise OptionError("--adamw-lrs is empty; give at least one lr, e.g. --adamw-lrs 1e-3 2e-3")
+        raise OptionError(f"{option} is empty; give at least one lr, e.g. {option} 1e-3 2e-3")
     lrs = []
     for text in texts:
         try:
             lr = float(text)
         except ValueError:
-            raise OptionError(f"--adamw-lrs {text!r} is not a number; allowed: numbers in (0, 1]") from None
+            raise OptionError(f"{option} {text!r} is not a number; allowed: numbers in (0, 1]") from None
         if not (math.isfinite(lr) and 0.0 < lr <= 1.0):
-            raise OptionError(f"--adamw-lrs {text!r} must be in (0, 1]")
+            raise OptionError(f"{option} {text!r} must be in (0, 1]")
         lrs.append(lr)
-    no_duplicates("--adamw-lrs", lrs)
+    no_duplicates(option, lrs)
     return lrs
 
 
@@ -204,6 +207,11 @@ def validate_options(ns: argparse.Namespace) -> Options:
         opts.adamw_lrs = parse_lrs(ns.adamw_lrs)
     elif ns.adamw_lrs is not None:
         raise OptionError("--adamw-lrs is given but adamw is not in --optimizers")
+    sinkgd = [f for f in opts.optimizers if f.startswith("sinkgd")]
+    if ns.sinkgd_lrs is not None:
+        if not sinkgd:
+            raise OptionError("--sinkgd-lrs is given but neither sinkgd-l5 nor sinkgd-l1 is in --optimizers")
+        opts.sinkgd_lrs = parse_lrs(ns.sinkgd_lrs, "--sinkgd-lrs")
     check_sets(opts.sets)
     if opts.out.exists() and not opts.out.is_dir():
         raise OptionError(f"--out {ns.out}: exists and is not a directory")
@@ -237,6 +245,9 @@ def plan_specs(opts: Options, default_seed: int) -> list[RunSpec]:
         for fam in opts.optimizers:
             if fam == "adamw":
                 specs += [RunSpec(f"adamw-lr{lr:g}", fam, {"lr": lr}, seed) for lr in opts.adamw_lrs]
+            elif fam.startswith("sinkgd") and opts.sinkgd_lrs:
+                specs += [RunSpec(f"{fam}-lr{lr:g}", fam, {**FAMILIES[fam].params, "lr": lr}, seed)
+                          for lr in opts.sinkgd_lrs]
             else:
                 specs.append(RunSpec(fam, fam, dict(FAMILIES[fam].params), seed))
     order = {name: i for i, name in enumerate(dict.fromkeys(s.name for s in specs))}

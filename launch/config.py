@@ -43,9 +43,10 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
     "checkpoint": {"every": ((int,), 0), "keep": ((int,), 2)},
     "data": {
         "source": ((str,), "shakespeare"), "vocab_size": ((int,), 4096), "val_fraction": ((float,), 0.1),
-        "tokenizer": ((str, type(None)), None), "text_column": ((str,), "text"),
+        "tokenizer": ((str, type(None)), None), "text_column": ((str,), "text"), "order": ((str,), "random"),
     },
 }
+DATA_ORDERS = ("random", "shuffled")
 REQUIRED = {"model": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                       "max_position_embeddings"), "train": ("steps", "batch_size")}
 
@@ -122,6 +123,10 @@ def _check_values(cfg: dict[str, Any], origin: str) -> None:
     if d["vocab_size"] < 258 and not d["source"].startswith("megatron:") and d["tokenizer"] is None:
         raise ConfigError(f"{origin}: data.vocab_size={d['vocab_size']} must be >= 258 for a byte-level BPE "
                           "(256 bytes + <|endoftext|> + one merge)")
+    if d["order"] not in DATA_ORDERS:
+        raise ConfigError(f"{origin}: data.order={d['order']!r} is not known; allowed: {', '.join(DATA_ORDERS)} "
+                          "(random: windows drawn with replacement; shuffled: each epoch's non-overlapping windows "
+                          "in a seeded order, no token seen twice before the next epoch)")
     if e["every"] and not e["sequences"]:
         raise ConfigError(f"{origin}: eval.every={e['every']} needs eval.sequences > 0")
     del c

@@ -7,6 +7,7 @@ not depend on how it is cut into ranks / micro batches.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .corpus import Corpus, DataError, cache_dir, cache_lock, load_corpus, sha256_bytes, sha256_file, write_atomic
+from .english_corpus import english
 
 EOS = "<|endoftext|>"
 # Byte-level BPE (tokenizers 0.23.3) trained on the Shakespeare train split; pinned per vocab size.
@@ -147,7 +149,12 @@ def load_tokens(source: str, vocab_size: int, val_fraction: float, tokenizer: st
                 text_column: str = "text") -> TokenData:
     if source.startswith("megatron:"):
         return megatron_tokens(source[len("megatron:"):], vocab_size, val_fraction)
-    return tokenize_corpus(load_corpus(source, val_fraction, text_column), vocab_size, tokenizer)
+    if source == "english":
+        with cache_lock():
+            corpus = english(val_fraction)
+    else:
+        corpus = load_corpus(source, val_fraction, text_column)
+    return tokenize_corpus(corpus, vocab_size, tokenizer)
 
 
 # ---------------------------------------------------------------------- batches
@@ -161,11 +168,33 @@ def check_lengths(data: TokenData, seq_len: int, eval_sequences: int) -> None:
 
 
 def train_batch(data: TokenData, seed: int, step: int, global_batch: int, seq_len: int,
-                rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of step ``step``'s global batch: random windows, drawn from (seed, step) alone."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(data.train) - seq_len, (global_batch,), generator=gen)[rows]
+                rows: slice, order: str = "random") -> torch.Tensor:
+    """Rows ``rows`` of step ``step``'s global batch, from (seed, step) alone so any rank and any resume draws the
+    same. ``random``: windows at random offsets, with replacement. ``shuffled``: the split's non-overlapping windows
+    in a seeded order per epoch, so a run shorter than an epoch never sees a token twice."""
+    if order == "shuffled":
+        first = step * global_batch
+        starts = torch.tensor([shuffled_start(len(data.train), seq_len, seed, first + i)
+                               for i in range(global_batch)[rows]], dtype=torch.int64)
+    else:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, len(data.train) - seq_len, (global_batch,), generator=gen)[rows]
     return torch.from_numpy(np.stack([np.asarray(data.train[s:s + seq_len], dtype=np.int64) for s in starts.tolist()]))
+
+
+def windows_per_epoch(n_tokens: int, seq_len: int) -> int:
+    return n_tokens // seq_len
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * epoch + 1))
+
+
+def shuffled_start(n_tokens: int, seq_len: int, seed: int, index: int) -> int:
+    """The start of the ``index``-th training window of the shuffled order (epoch after epoch)."""
+    n = windows_per_epoch(n_tokens, seq_len)
+    return int(epoch_order(n, seed, index // n)[index % n]) * seq_len
 
 
 def val_windows(data: TokenData, seq_len: int, count: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--deepspeed_config", default=str(ROOT / "configs" / "zero2_sinkgd.json"),
                     help="DeepSpeed JSON: optimizer, ZeRO stage, precision, monitor (default: %(default)s)")
     ap.add_argument("--model", default="tiny", help="tiny | 60m | 130m | 350m | 1b | 7b (configs/models) or a JSON")
-    ap.add_argument("--data", default=None, help="shakespeare (default) | FILE[,FILE|DIR] | hf:DIR[:SPLIT] | "
+    ap.add_argument("--data", default=None, help="shakespeare (default) | english | FILE[,FILE|DIR] | hf:DIR[:SPLIT] | "
                     "megatron:PREFIX (sets data.source)")
     ap.add_argument("--steps", type=int, default=None, help="sets train.steps")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

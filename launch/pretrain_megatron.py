@@ -300,7 +300,8 @@ def train(plan: dict[str, Any], args: argparse.Namespace) -> int:
         opt.zero_grad()
         for m in range(gas):  # grads accumulate in DDP's buffers; reduced once in finish_grad_sync
             first = m * dp * micro + dp_rank * micro
-            loss = lm_loss(ddp, train_batch(data, t["seed"], step, batch, seq, slice(first, first + micro)), device)
+            ids = train_batch(data, t["seed"], step, batch, seq, slice(first, first + micro), run["data"]["order"])
+            loss = lm_loss(ddp, ids, device)
             (loss / gas).backward()
             loss_sum += float(loss.detach())
         ddp.finish_grad_sync()

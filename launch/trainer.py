@@ -131,7 +131,8 @@ def train(plan: dict[str, Any], args: argparse.Namespace, fsdp: bool = False, te
         loss_sum, skips_before = 0.0, skips_so_far(engine)
         for m in range(gas):
             first = m * dp_world * micro + dp_rank * rows_per_rank
-            ids = train_batch(data, t["seed"], step, batch, seq, slice(first, first + micro)).to(engine.device)
+            rows = slice(first, first + micro)
+            ids = train_batch(data, t["seed"], step, batch, seq, rows, run["data"]["order"]).to(engine.device)
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             if m == gas - 1 and (run_steps == 1 or state["step"] + 1 == t["steps"]) and memory is None:

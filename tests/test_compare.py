@@ -193,6 +193,9 @@ def options(*argv: str):
     (["--seeds", "0", "-1"], r"--seeds='-1' must be an integer >= 0"),
     (["--seeds", "1", "1"], r"--seeds: 1 given more than once"),
     (["--set", "train.seed=3"], r"--set 'train.seed=3': use --seeds"),
+    (["--sinkgd-lrs", "0.02", "--optimizers", "adamw"], r"--sinkgd-lrs is given but neither sinkgd-l5 nor sinkgd-l1"),
+    (["--sinkgd-lrs", "0.02", "0", "--optimizers", "sinkgd-l5"], r"--sinkgd-lrs '0' must be in \(0, 1\]"),
+    (["--sinkgd-lrs", "0.02", "2e-2"], r"--sinkgd-lrs: 0.02 given more than once"),
     (["--model", "tiyn"], r"--model 'tiyn' is not a known model config\. Did you mean 'tiny'\?"),
 ])
 def test_bad_options_name_the_option_the_value_and_what_is_allowed(argv, message):
@@ -223,6 +226,15 @@ def test_options_and_plan():
     assert {k: v for k, v in derived.items() if k != "optimizer"} == {k: v for k, v in repo.items() if k != "optimizer"}
     assert options().optimizers == ["adamw", "sinkgd-l5", "sinkgd-l1", "scale", "swan"]
     assert options().adamw_lrs == [1e-3, 2e-3, 4e-3, 8e-3]
+
+
+def test_sinkgd_lr_sweep_names_each_lr_and_changes_only_the_lr():
+    opts = options("--optimizers", "sinkgd-l5", "scale", "--sinkgd-lrs", "0.01", "0.04", "--seeds", "0")
+    specs = compare.plan_specs(opts, default_seed=0)
+    assert [s.run_name for s in specs] == ["sinkgd-l5-lr0.01-seed0", "sinkgd-l5-lr0.04-seed0", "scale-seed0"]
+    repo = json.loads((ROOT / "configs" / "zero2_sinkgd.json").read_text())["optimizer"]["params"]
+    assert compare.derive_ds_config(2, specs[1])["optimizer"]["params"] == {**repo, "sinkhorn_iters": 5, "lr": 0.04}
+    assert [s.run_name for s in compare.plan_specs(options("--optimizers", "sinkgd-l5"), 0)] == ["sinkgd-l5-seed0"]
 
 
 # ---------------------------------------------------------------------- one small sweep, end to end
