@@ -1,7 +1,8 @@
 """Megatron-LM (``megatron.training``): ``--optimizer sinkgd|scale|swan`` and their arguments.
 
-Three wrappers, each around one module-level function Megatron-LM looks up at call time
-(checked against Megatron-LM main, megatron/training/{arguments,training}.py):
+Three wrappers, each installed wherever Megatron-LM bound the function (:func:`megatron_patch.rebind.rebind`:
+0.16.1's ``initialize.py`` imports ``parse_args`` / ``validate_args`` by name at import time, later versions
+look them up at call time):
   * ``arguments.parse_args``: chains :func:`add_arguments` after any ``extra_args_provider``;
   * ``arguments.validate_args``: validates our runs as ``adam`` runs. Megatron-LM otherwise treats
     every non-adam/sgd name as an "emerging" optimizer and turns ``--use-distributed-optimizer``
@@ -20,6 +21,7 @@ from sinkgd_ds.backends import IMPLEMENTATIONS
 from sinkgd_ds.integrations.megatron import require
 
 from .config import CONFIGS, OURS, SinkGDOptimizerConfig
+from .rebind import rebind
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -96,6 +98,9 @@ def patch_training() -> None:
         return config, training.get_standard_config_overrides(config=config)
 
     _parse_args._sinkgd_patched = True  # type: ignore[attr-defined]
-    arguments.parse_args = _parse_args
-    arguments.validate_args = _validate_args
-    training.get_megatron_optimizer_config = _get_config
+    # initialize.py binds parse_args / validate_args at import: import it now, so rebind reaches its copies
+    import megatron.training.initialize  # noqa: F401
+
+    rebind(arguments, "parse_args", _parse_args)
+    rebind(arguments, "validate_args", _validate_args)
+    rebind(training, "get_megatron_optimizer_config", _get_config)

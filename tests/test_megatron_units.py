@@ -1,17 +1,10 @@
-"""Single-process checks of megatron_patch pieces: checkpoint state allocation and the Megatron-LM hooks.
+"""Single-process checks of megatron_patch pieces: checkpoint state allocation.
 
-The Megatron-LM tests here run against a FAKE, minimal ``megatron.training`` (three functions that
-mirror, by behaviour, Megatron-LM main's ``arguments.parse_args`` / ``validate_args`` and
-``training.get_megatron_optimizer_config``): Megatron-LM is not installed in this environment, so
-the real ``pretrain_gpt.py`` path is NOT exercised by these tests.
+The Megatron-LM hooks are tested against the real ``megatron.training`` (tests/megatron_lm/, the Python 3.12
+lane with megatron-core 0.19, whose wheel ships it); the fake that stood in for it is gone.
 """
 
 from __future__ import annotations
-
-import argparse
-import dataclasses
-import sys
-import types
 
 import pytest
 import torch
@@ -59,106 +52,3 @@ def test_init_state_is_what_a_step_creates(cls):
     for gf, gi in zip(fresh.param_groups, inited.param_groups):
         for pf, pi in zip(gf["params"], gi["params"]):
             assert torch.equal(pf, pi)
-
-
-# ----------------------------------------------------------------------------- FAKE Megatron-LM
-MEGATRON_LM_OPTIMIZERS = ["adam", "sgd", "muon", "dist_muon", "lion", "soap", "adaptive_muon"]  # main d98e8a64
-
-
-def _fake_megatron_training() -> dict[str, types.ModuleType]:
-    """A stand-in for ``megatron.training`` with Megatron-LM main's behaviour in the three hooked functions."""
-    from megatron.core.optimizer import OptimizerConfig
-
-    arguments = types.ModuleType("megatron.training.arguments")
-    training = types.ModuleType("megatron.training.training")
-
-    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
-        parser = argparse.ArgumentParser(description="FAKE Megatron-LM Arguments", allow_abbrev=False)
-        group = parser.add_argument_group("training")
-        group.add_argument("--optimizer", type=str, default="adam", choices=list(MEGATRON_LM_OPTIMIZERS))
-        group.add_argument("--use-distributed-optimizer", action="store_true")
-        group.add_argument("--lr", type=float, default=None)
-        group.add_argument("--weight-decay", type=float, default=0.01)
-        group.add_argument("--bf16", action="store_true")
-        if extra_args_provider is not None:
-            parser = extra_args_provider(parser)
-        return parser.parse_known_args()[0] if ignore_unknown_args else parser.parse_args()
-
-    def validate_args(args, defaults={}):  # noqa: B006 - Megatron-LM's signature
-        # Megatron-LM main: every non-adam/sgd name is an "emerging" optimizer, and
-        # --use-distributed-optimizer becomes its layer-wise optimizer.
-        args.use_layer_wise_distributed_optimizer = False
-        if args.optimizer not in ("sgd", "adam"):
-            if args.use_distributed_optimizer:
-                args.use_layer_wise_distributed_optimizer = True
-                args.use_distributed_optimizer = False
-        return args
-
-    def get_standard_config_overrides(config):
-        return {"standard_overrides_for": type(config).__name__}
-
-    def get_megatron_optimizer_config(args):
-        kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptimizerConfig) if hasattr(args, f.name)}
-        config = OptimizerConfig(**kwargs)
-        return config, training.get_standard_config_overrides(config=config)
-
-    arguments.parse_args, arguments.validate_args = parse_args, validate_args
-    training.get_megatron_optimizer_config = get_megatron_optimizer_config
-    training.get_standard_config_overrides = get_standard_config_overrides
-    package = types.ModuleType("megatron.training")
-    package.arguments, package.training = arguments, training
-    return {"megatron.training": package, "megatron.training.arguments": arguments,
-            "megatron.training.training": training}
-
-
-@pytest.fixture
-def fake_lm(monkeypatch):
-    mods = _fake_megatron_training()
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return mods["megatron.training.arguments"], mods["megatron.training.training"]
-
-
-def _parse(arguments, monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
-    return arguments.parse_args()
-
-
-def test_fake_megatron_lm_unpatched_behaviour(fake_lm, monkeypatch):
-    """The fake behaves like Megatron-LM: our names are rejected, emerging names lose the DistOpt."""
-    arguments, _ = fake_lm
-    with pytest.raises(SystemExit):
-        _parse(arguments, monkeypatch, "--optimizer", "sinkgd")
-    args = arguments.validate_args(_parse(arguments, monkeypatch, "--optimizer", "muon", "--use-distributed-optimizer"))
-    assert args.use_layer_wise_distributed_optimizer and not args.use_distributed_optimizer
-
-
-def test_fake_megatron_lm_patched(fake_lm, monkeypatch):
-    from megatron_patch.training import patch_training
-
-    arguments, training = fake_lm
-    patch_training()
-    patch_training()  # idempotent: a second call must not add the arguments twice
-    args = _parse(arguments, monkeypatch, "--optimizer", "sinkgd", "--sinkgd-iters", "3", "--sinkgd-lr-scale", "0.1",
-                  "--use-distributed-optimizer", "--lr", "0.02", "--sinkgd-no-split-fused")
-    args = arguments.validate_args(args)
-    assert args.optimizer == "sinkgd"
-    assert args.use_distributed_optimizer and not args.use_layer_wise_distributed_optimizer
-    config, overrides = training.get_megatron_optimizer_config(args)
-    assert type(config) is megatron_patch.SinkGDOptimizerConfig
-    assert (config.optimizer, config.sinkgd_iters, config.sinkgd_lr_scale, config.sinkgd_split_fused) == \
-        ("sinkgd", 3, 0.1, False)
-    assert config.use_distributed_optimizer and config.lr == 0.02
-    assert overrides == {"standard_overrides_for": "SinkGDOptimizerConfig"}
-
-    args = arguments.validate_args(_parse(arguments, monkeypatch, "--optimizer", "scale", "--scale-momentum", "0.8"))
-    config, _ = training.get_megatron_optimizer_config(args)
-    assert type(config) is megatron_patch.SCALEOptimizerConfig and config.scale_momentum == 0.8
-
-    config, _ = training.get_megatron_optimizer_config(arguments.validate_args(_parse(arguments, monkeypatch)))
-    assert type(config).__name__ == "OptimizerConfig" and config.optimizer == "adam"  # others untouched
-
-    muon = arguments.validate_args(_parse(arguments, monkeypatch, "--optimizer", "muon", "--use-distributed-optimizer"))
-    assert muon.use_layer_wise_distributed_optimizer  # Megatron-LM's own names keep its behaviour
-    with pytest.raises(SystemExit):
-        _parse(arguments, monkeypatch, "--optimizer", "sinkgdd")

@@ -12,16 +12,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import megatron.core.datasets.utils as dataset_utils  # noqa: E402
-
 from megatron_patch.run import main  # noqa: E402
 
 
-def _prebuilt() -> None:
-    import megatron.core.datasets.helpers_cpp  # noqa: F401 - fails loudly if the wheel's helpers are missing
+def use_prebuilt_helpers() -> None:
+    import megatron.core.datasets.utils as dataset_utils
 
+    def prebuilt() -> None:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401 - fails loudly if the wheel's helpers are missing
 
-dataset_utils.compile_helpers = _prebuilt
+    dataset_utils.compile_helpers = prebuilt
+
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], prepare=use_prebuilt_helpers)

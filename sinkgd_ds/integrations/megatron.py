@@ -27,7 +27,11 @@ from ..layout import Fragment, MatrixSpec, RowBlocks
 from ..optim.base import ADAMW, NAME_ATTR, MatrixOptimizer
 from . import require_internal
 
-__all__ = ["MatrixMeta", "MegatronIntegrationError", "describe_layout", "fused_row_blocks", "matrix_meta"]
+__all__ = ["MatrixMeta", "MegatronIntegrationError", "describe_layout", "fused_row_blocks", "matrix_meta",
+           "named_parameters"]
+
+#: the name of the one weight that tied word embeddings and output layer share
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 class MegatronIntegrationError(RuntimeError):
@@ -46,6 +50,21 @@ def mcore_version() -> str:
 def require(obj: Any, attr: str) -> Any:
     return require_internal(obj, attr, MegatronIntegrationError, f"megatron-core {mcore_version()}",
                             "megatron-core 0.16.1")
+
+
+def named_parameters(chunk: torch.nn.Module):
+    """``chunk.named_parameters()``, with the last pipeline stage's copy of a tied embedding named as the
+    embedding it copies.
+
+    With tied embeddings and pipeline parallelism, Megatron keeps the word embedding on the first stage and a copy
+    as ``output_layer.weight`` on the last (both marked ``shared_embedding``), sums their gradients over the
+    embedding group and expects both copies to step alike. At PP=1 the model has one weight, the embedding, so
+    that is what the copy is: it must take the embedding's rule (SCALE would otherwise give it the head's momentum
+    rule and the copies would drift apart).
+    """
+    for name, p in chunk.named_parameters():
+        tied_copy = getattr(p, "shared_embedding", False) and name.split(".")[-2:] == ["output_layer", "weight"]
+        yield (name[: -len("output_layer.weight")] + TIED_EMBEDDING if tied_copy else name), p
 
 
 @dataclass(frozen=True)
