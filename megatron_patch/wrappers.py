@@ -70,22 +70,49 @@ def init_state(opt: MatrixOptimizer, config: Any = None) -> None:
                     st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def match_groups_by_position(current: list[dict], saved: list[dict]) -> list[dict]:
-    """Saved groups in current order; our kind-split groups share Megatron's identifier keys."""
-    if len(current) != len(saved):
+#: Megatron's per-group identifier keys (besides ``kind``): groups that agree on them take the same schedule
+GROUP_IDENTITY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr", "max_lr", "min_lr")
+
+
+def _identity(group: dict) -> tuple:
+    return (group.get("kind"), *(group.get(k) for k in GROUP_IDENTITY))
+
+
+def match_groups(current: list[dict], saved: list[dict], kinds: tuple[str, ...]) -> list[dict]:
+    """The saved groups' settings, one per current group, in current order.
+
+    A checkpoint's groups are the ones the saving rank had; with pipeline parallelism that is the first stage's
+    (Megatron stores the groups once), whose groups are another set or order of kinds than a later stage's. So a
+    current group takes the settings of the saved group of the same kind and Megatron keys; a kind the saving
+    rank did not have keeps the group's own (they come from the same config; the scheduler sets lr and weight
+    decay every step). ``params`` stay at their positions: Megatron stores them per rank. A saved kind that is
+    not one of this optimizer's (``kinds``) means another optimizer saved it, and is refused.
+    """
+    foreign = sorted({g["kind"] for g in saved if g.get("kind") is not None and g["kind"] not in kinds})
+    if foreign:
+        raise ValueError(f"megatron_patch: the checkpoint's optimizer param groups are of kind {', '.join(foreign)}, "
+                         f"which this optimizer does not have ({', '.join(kinds)}); was it saved with another "
+                         "optimizer?")
+    if len(saved) != len(current) and all("kind" not in g for g in saved):
         raise ValueError(f"megatron_patch: checkpoint has {len(saved)} optimizer param groups, this run has "
                          f"{len(current)}; was it saved with another optimizer or model?")
-    for i, (cur, old) in enumerate(zip(current, saved)):
-        if "kind" in old and old["kind"] != cur["kind"]:
-            raise ValueError(f"megatron_patch: param group {i} is {cur['kind']!r} here but {old['kind']!r} in "
-                             "the checkpoint; was it saved with another optimizer?")
-    return saved
+    if [_identity(g) for g in saved] == [_identity(g) for g in current]:
+        return saved
+    by_identity: dict[tuple, dict] = {}
+    for g in saved:
+        by_identity.setdefault(_identity(g), g)
+    out = []
+    for i, cur in enumerate(current):
+        source = by_identity.get(_identity(cur), cur)
+        group = {k: v for k, v in source.items() if k != "params"}
+        group["params"] = saved[i]["params"] if i < len(saved) else cur["params"]
+        out.append(group)
+    return out
 
 
-class _PositionalGroups:
-    @staticmethod
-    def _filter_and_reorder_param_groups(current_groups: list[dict], state_dict_groups: list[dict]) -> list[dict]:
-        return match_groups_by_position(current_groups, state_dict_groups)
+class _GroupsByKind:
+    def _filter_and_reorder_param_groups(self, current_groups: list[dict], state_dict_groups: list[dict]) -> list[dict]:
+        return match_groups(current_groups, state_dict_groups, (ADAMW, *type(self.optimizer).MATRIX_KINDS))
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "param_state_sharding_type" in state_dict:
@@ -94,11 +121,11 @@ class _PositionalGroups:
         super().load_state_dict(state_dict)
 
 
-class SinkFP32Optimizer(_PositionalGroups, FP32Optimizer):
+class SinkFP32Optimizer(_GroupsByKind, FP32Optimizer):
     """FP32Optimizer over SinkGD / SCALE / SWAN."""
 
 
-class SinkFloat16Optimizer(_PositionalGroups, Float16OptimizerWithFloat16Params):
+class SinkFloat16Optimizer(_GroupsByKind, Float16OptimizerWithFloat16Params):
     """Float16OptimizerWithFloat16Params (bf16 model, fp32 main params) over SinkGD / SCALE / SWAN."""
 
 
@@ -156,8 +183,8 @@ class SinkDistributedOptimizer(DistributedOptimizer):
         if "param_state_sharding_type" not in state_dict or "optimizer" not in state_dict:
             raise ValueError("megatron_patch: this optimizer checkpoint was not saved with the distributed optimizer;"
                              " resume with use_distributed_optimizer=False (any DP/TP size works)")
-        saved = [dict(g) for g in state_dict["optimizer"]["param_groups"]]
-        match_groups_by_position(self.optimizer.param_groups, saved)
+        saved = match_groups(self.optimizer.param_groups, [dict(g) for g in state_dict["optimizer"]["param_groups"]],
+                             (ADAMW, *type(self.optimizer).MATRIX_KINDS))
         init_state(self.optimizer)
         step = None
         for cur, old in zip(self.optimizer.param_groups, saved):
