@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.19.8"],
-    "megatron": ["megatron-core>=0.16.1"],
+    "megatron": ["megatron-core>=0.16.1,<0.20"],  # tested: 0.16.1 (Python 3.11 lane), 0.19.2 (3.12 lane)
     "hf": ["transformers>=5.0", "accelerate>=1.0", "tokenizers>=0.22"],
     "mpi": ["mpi4py>=4.1"],
     "train": ["tqdm", "matplotlib", "tensorboard"],

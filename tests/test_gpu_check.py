@@ -79,14 +79,14 @@ def test_kit_helpers(tmp_path):
     # Megatron-LM files are taken from a work tree (or a git dir's tag); the size check counts every file
     src = tmp_path / "checkout"
     for rel in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training/a.py",
-                "megatron/legacy/b.py", "megatron/core/not_copied.py"):
+                "megatron/legacy/b.py", "megatron/core/c.py", "tools/not_copied.py"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text("x" * 10)
     prepare_gpu_kit.copy_megatron_lm(src, tmp_path / "kit" / "megatron_lm")
     copied = sorted(str(p.relative_to(tmp_path / "kit" / "megatron_lm")) for p in (tmp_path / "kit").rglob("*.py"))
-    assert copied == ["gpt_builders.py", "megatron/legacy/b.py", "megatron/training/a.py", "model_provider.py",
-                      "pretrain_gpt.py"]
-    assert prepare_gpu_kit.size_of(tmp_path / "kit") == 50
+    assert copied == ["gpt_builders.py", "megatron/core/c.py", "megatron/legacy/b.py", "megatron/training/a.py",
+                      "model_provider.py", "pretrain_gpt.py"]  # megatron/core too: one megatron, not a mix
+    assert prepare_gpu_kit.size_of(tmp_path / "kit") == 60
     # only the wheels whose module this Python lacks are installed (none here: hjson is present)
     (tmp_path / "kit" / "wheels").mkdir()
     (tmp_path / "kit" / "wheels" / "hjson-3.1.0-py3-none-any.whl").write_bytes(b"")

@@ -12,6 +12,7 @@ Phases (``--phases`` picks some):
                exact resume at ZeRO-3; the suite's DeepSpeed exactness configs on one GPU
   gloo2        two processes on one GPU over gloo with CUDA tensors: which collectives work, and the sharded
                engine across them where they do
+  fsdp2        the FSDP2 entry (launch/pretrain_fsdp.py), bf16 mixed precision, 20 steps: loss finite and falling
   megatron     the Megatron-Core entry (launch/pretrain_megatron.py), DistributedOptimizer, bf16, 20 steps
   megatron_lm  Megatron-LM's own pretrain_gpt.py through ``python -m megatron_patch.run --optimizer sinkgd``,
                mock data, local transformer, save and resume (needs the kit's Megatron-LM files)
@@ -54,11 +55,12 @@ PHASES = [  # (limits add up to 570 s: the whole check fits one 10-minute call w
     Phase("environment", 20, False, "device, driver, versions"),
     Phase("engine", 45, True, "engine vs float64 reference on CUDA"),
     Phase("triton", 50, True, "the Triton backend's tests, compiled for the GPU"),
-    Phase("deepspeed", 170, True, "main job ZeRO-1/2/3 bf16 + resume, DeepSpeed exactness configs"),
+    Phase("deepspeed", 160, True, "main job ZeRO-1/2/3 bf16 + resume, DeepSpeed exactness configs"),
     Phase("gloo2", 35, True, "two processes on one GPU over gloo"),
-    Phase("megatron", 65, True, "Megatron-Core entry, DistOpt, bf16"),
-    Phase("megatron_lm", 95, True, "Megatron-LM pretrain_gpt.py with --optimizer sinkgd"),
-    Phase("benchmarks", 90, True, "GPU benchmarks"),
+    Phase("fsdp2", 45, True, "FSDP2 entry, bf16"),
+    Phase("megatron", 60, True, "Megatron-Core entry, DistOpt, bf16"),
+    Phase("megatron_lm", 85, True, "Megatron-LM pretrain_gpt.py with --optimizer sinkgd"),
+    Phase("benchmarks", 70, True, "GPU benchmarks"),
 ]
 
 
@@ -440,13 +442,26 @@ def phase_gloo2(ctx: Context) -> dict:
     return out
 
 
+def phase_fsdp2(ctx: Context) -> dict:
+    out_dir = ctx.out / "runs" / "fsdp2"
+    args = ["launch/pretrain_fsdp.py", "--model", "tiny", "--steps", "20", "--set", "eval.every=10",
+            "--set", "eval.sequences=8", "--set", "checkpoint.every=0", "--set", "train.log_every=1", "--no_progress",
+            "--out", str(out_dir)] + (["--bf16"] if ctx.device == "cuda" else [])
+    _sh(_torchrun(ctx, args), ctx, 40)
+    losses = json.loads((out_dir / "summary.json").read_text())["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, losses
+    out = {"device": ctx.device, "first": losses[0], "last": losses[-1], "steps": len(losses)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def phase_megatron(ctx: Context) -> dict:
     out_dir = ctx.out / "runs" / "megatron"
     script = "launch/pretrain_megatron.py" if ctx.device == "cuda" else "tests/main_job_megatron_cpu.py"
     args = [script, "--model", "tiny", "--steps", "20", "--use_distributed_optimizer", "--micro_batch", "4",
             "--set", "eval.every=10", "--set", "eval.sequences=8", "--set", "checkpoint.every=0", "--no_progress",
             "--out", str(out_dir)] + (["--bf16"] if ctx.device == "cuda" else [])
-    _sh(_torchrun(ctx, args), ctx, 110)
+    _sh(_torchrun(ctx, args), ctx, 55)
     summary = json.loads((out_dir / "summary.json").read_text())
     losses = summary["losses"]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, losses
@@ -455,17 +470,22 @@ def phase_megatron(ctx: Context) -> dict:
     return out
 
 
-MEGATRON_LM_ARGS = [
-    "--optimizer", "sinkgd", "--sinkgd-iters", "5", "--sinkgd-lr-scale", "0.05", "--lr", "0.02", "--min-lr", "0.002",
-    "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--num-layers", "2", "--hidden-size", "128",
-    "--num-attention-heads", "4", "--ffn-hidden-size", "344", "--swiglu", "--normalization", "RMSNorm",
-    "--position-embedding-type", "rope", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-    "--seq-length", "128", "--max-position-embeddings", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
-    "--bf16", "--use-distributed-optimizer", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1024",
-    "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
-    "--no-persist-layer-norm", "--no-rope-fusion", "--attention-backend", "unfused", "--log-interval", "1",
-    "--eval-iters", "0", "--eval-interval", "1000", "--save-interval", "10", "--split", "100,0,0",
-]
+def megatron_lm_args() -> list[str]:
+    """The flags Megatron-LM's loop ran with in the tests (tests/megatron_lm/harness.py: the model, the schedule,
+    the local transformer and no fused kernels), less the CPU-only ones, plus bf16 and the DistributedOptimizer."""
+    from tests.megatron_lm import harness
+
+    cpu_only = {"--distributed-backend": 1, "--use-cpu-initialization": 0}
+    flags, skip = [], 0
+    for flag in [*harness.MODEL, *harness.CPU, *harness.TRAIN]:
+        if skip:
+            skip -= 1
+            continue
+        if flag in cpu_only:
+            skip = cpu_only[flag]
+            continue
+        flags.append(flag)
+    return [*flags, "--optimizer", "sinkgd", "--bf16", "--use-distributed-optimizer", "--save-interval", "10"]
 
 
 def phase_megatron_lm(ctx: Context) -> dict:
@@ -476,9 +496,10 @@ def phase_megatron_lm(ctx: Context) -> dict:
         raise Skipped("Megatron-LM's training loop calls torch.cuda unconditionally; it cannot be rehearsed on CPU")
     ckpt = ctx.out / "runs" / "megatron_lm"
     runner = [str(ROOT / "tools" / "megatron_lm_runner.py"), str(lm / "pretrain_gpt.py")]
-    first = _sh(_torchrun(ctx, [*runner, *MEGATRON_LM_ARGS, "--train-iters", "20", "--save", str(ckpt)]), ctx, 70)
-    second = _sh(_torchrun(ctx, [*runner, *MEGATRON_LM_ARGS, "--train-iters", "30", "--save", str(ckpt),
-                                 "--load", str(ckpt)]), ctx, 70)
+    args = megatron_lm_args()
+    first = _sh(_torchrun(ctx, [*runner, *args, "--train-iters", "20", "--save", str(ckpt)]), ctx, 60)
+    second = _sh(_torchrun(ctx, [*runner, *args, "--train-iters", "30", "--save", str(ckpt), "--load", str(ckpt)]),
+                 ctx, 60)
     import re
 
     def losses(text):

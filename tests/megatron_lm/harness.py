@@ -39,20 +39,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, nproc: int, flags: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(out: Path, nproc: int, flags: list[str], timeout: int = 600,
+           entry: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``entry``: what torchrun starts (default: megatron_patch.run with our GPT script)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SINKGD_MLM_OUT": str(out), "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1",
            "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "megatron_patch.run", str(SCRIPT), *flags]
+           str(free_port()), *(entry or ["-m", "megatron_patch.run", str(SCRIPT)]), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     (out / "log.txt").write_text(proc.stdout + proc.stderr)
     return proc
 
 
-def run(out: Path, nproc: int, flags: list[str], timeout: int = 600) -> list[dict]:
+def run(out: Path, nproc: int, flags: list[str], timeout: int = 600, entry: list[str] | None = None) -> list[dict]:
     """Each rank's dump (losses, parameters by name, optimizer classes); the log is in ``out/log.txt``."""
-    proc = launch(out, nproc, flags, timeout)
+    proc = launch(out, nproc, flags, timeout, entry)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise RuntimeError(f"Megatron-LM run failed ({nproc} ranks, {' '.join(flags)}):\n{tail}")
