@@ -40,10 +40,10 @@ def free_port() -> int:
 
 
 def launch(out: Path, nproc: int, flags: list[str], timeout: int = 600,
-           entry: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``entry``: what torchrun starts (default: megatron_patch.run with our GPT script)."""
+           entry: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``entry``: what torchrun starts (default: megatron_patch.run with our GPT script); ``env``: added."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SINKGD_MLM_OUT": str(out), "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1",
+    env = {**os.environ, **(env or {}), "SINKGD_MLM_OUT": str(out), "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1",
            "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), *(entry or ["-m", "megatron_patch.run", str(SCRIPT)]), *flags]
@@ -52,9 +52,10 @@ def launch(out: Path, nproc: int, flags: list[str], timeout: int = 600,
     return proc
 
 
-def run(out: Path, nproc: int, flags: list[str], timeout: int = 600, entry: list[str] | None = None) -> list[dict]:
+def run(out: Path, nproc: int, flags: list[str], timeout: int = 600, entry: list[str] | None = None,
+        env: dict[str, str] | None = None) -> list[dict]:
     """Each rank's dump (losses, parameters by name, optimizer classes); the log is in ``out/log.txt``."""
-    proc = launch(out, nproc, flags, timeout, entry)
+    proc = launch(out, nproc, flags, timeout, entry, env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise RuntimeError(f"Megatron-LM run failed ({nproc} ranks, {' '.join(flags)}):\n{tail}")

@@ -133,6 +133,7 @@ def keep_model() -> list:
 
     def setup_model_and_optimizer(*args, **kwargs):
         result = original(*args, **kwargs)
+        poison_one_gradient(result[0], result[1])
         holder.extend([*result[:2], {"rank": torch.distributed.get_rank(),
                                      "tp_rank": mpu.get_tensor_model_parallel_rank(),
                                      "pp_rank": mpu.get_pipeline_model_parallel_rank()}])
@@ -140,6 +141,28 @@ def keep_model() -> list:
 
     training.setup_model_and_optimizer = setup_model_and_optimizer
     return holder
+
+
+def poison_one_gradient(model_chunks, optimizer) -> None:
+    """``SINKGD_MLM_NAN=ITER:STAGE``: before the ITER-th optimizer step, one gradient element of a hidden matrix on
+    pipeline stage STAGE (TP rank 0) becomes NaN; nothing else does, so the other stages see finite gradients."""
+    spec = os.environ.get("SINKGD_MLM_NAN")
+    if not spec:
+        return
+    at, stage = (int(x) for x in spec.split(":"))
+    if mpu.get_pipeline_model_parallel_rank() != stage or mpu.get_tensor_model_parallel_rank() != 0:
+        return
+    target = next(p for chunk in model_chunks for n, p in chunk.named_parameters() if "linear_fc2.weight" in n)
+    calls = [0]
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            target.main_grad.view(-1)[0] = float("nan")
+        return original(*args, **kwargs)
+
+    optimizer.step = step
 
 
 def use_prebuilt_helpers() -> None:

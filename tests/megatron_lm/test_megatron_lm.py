@@ -143,3 +143,22 @@ def test_a_checkpoint_resumes_at_another_pipeline_size(work, init):
     straight = train(work, init, "scale", "one")
     got, want = H.losses(resumed), H.losses(straight)[2:]
     assert len(got) == 2 and all(abs(g - w) <= REL * abs(w) for g, w in zip(got, want)), (got, want)
+
+
+@pytest.mark.parametrize("optimizer", ["sinkgd", "scale"])
+def test_a_nan_on_one_pipeline_stage_skips_the_step_on_every_stage(work, init, optimizer):
+    """One non-finite verdict across stages: a NaN gradient on the first stage only (clipping off, so Megatron's
+    global norm does not spread it) skips iteration 3 on both stages, exactly as the same NaN does at PP = 1."""
+    flags = [*H.MODEL, *H.CPU, *H.TRAIN, "--clip-grad", "0", "--train-iters", str(ITERS), *H.from_checkpoint(init),
+             "--optimizer", optimizer, "--no-check-for-nan-in-loss-and-grad"]
+    one = H.run(work / f"nan-one-{optimizer}", 1, flags, env={"SINKGD_MLM_NAN": "3:0"})
+    pp2 = H.run(work / f"nan-pp2-{optimizer}", 2, [*flags, "--pipeline-model-parallel-size", "2"],
+                env={"SINKGD_MLM_NAN": "3:0"})
+    clean = H.run(work / f"clean-one-{optimizer}", 1, flags)
+    assert_close_losses(H.losses(pp2), H.losses(one))
+    assert H.losses(one)[3] != H.losses(clean)[3]  # the skipped step shows (iteration 4 sees unchanged weights)
+    assert H.losses(one)[:3] == H.losses(clean)[:3]
+    for emb, out in tied_copies(pp2):
+        assert torch.equal(emb, out) and bool(torch.isfinite(emb).all())
+    for d in pp2:
+        assert all(bool(torch.isfinite(v).all()) for v in d["params"].values())
