@@ -85,6 +85,7 @@ class Options:
     sets: list[str] = field(default_factory=list)
     overwrite: bool = False
     dry_run: bool = False
+    report_only: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"), help="sweep directory (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="start every run afresh instead of reusing/resuming")
     ap.add_argument("--dry-run", action="store_true", help="check the options, print the plan, run nothing")
+    ap.add_argument("--report-only", action="store_true",
+                    help="report the runs that finished, start none (the others are listed as not run yet)")
     return ap
 
 
@@ -199,7 +202,7 @@ def validate_options(ns: argparse.Namespace) -> Options:
         steps=None if ns.steps is None else positive_int("--steps", ns.steps),
         eval_every=None if ns.eval_every is None else positive_int("--eval-every", ns.eval_every),
         optimizers=parse_optimizers(ns.optimizers), seeds=parse_seeds(ns.seeds), sets=list(ns.sets),
-        out=Path(ns.out).resolve(), overwrite=ns.overwrite, dry_run=ns.dry_run)
+        out=Path(ns.out).resolve(), overwrite=ns.overwrite, dry_run=ns.dry_run, report_only=ns.report_only)
     if opts.stage not in STAGES:
         raise OptionError(f"--stage={ns.stage!r} must be one of {', '.join(map(str, STAGES))} "
                           "(configs/zero{1,2,3}_*.json)")
@@ -571,6 +574,10 @@ def run_sweep(jobs: Sequence[Job], opts: Options, progress: Progress) -> list[Ou
                            f"{summary['val_loss']:.4f})")
             outcomes.append(Outcome(job, "reused", summary, record.get("wall_seconds", 0.0), 0))
             continue
+        if opts.report_only:
+            progress.event(f"[{i}/{len(jobs)}] {job.spec.run_name}: not run yet (--report-only)")
+            outcomes.append(Outcome(job, "not run", None, 0.0, None, "not run yet (--report-only)"))
+            continue
         note = start_note(job, decision)
         progress.begin(i, job.spec.run_name, job.steps, queued, f"{note} (log {job.run_dir / 'log.txt'})")
         outcome = run_job(job, decision, model, progress)
@@ -665,7 +672,7 @@ def group_results(outcomes: Sequence[Outcome]) -> list[ConfigResult]:
     for o in outcomes:
         spec = o.job.spec
         if spec.name not in groups:
-            lr = spec.params.get("lr") if spec.family == "adamw" else None
+            lr = spec.params.get("lr")  # (AdamW's sweep; SinkGD's when --sinkgd-lrs is given)
             groups[spec.name] = ConfigResult(spec.name, spec.family, lr, [], [])
         groups[spec.name].seeds.append(spec.seed)
         groups[spec.name].outcomes.append(o)
@@ -702,7 +709,8 @@ def result_rows(results: Sequence[ConfigResult], baseline: ConfigResult | None,
         mem = [memory_use(o.summary) for o in r.ok]
         rows.append({
             "name": r.name, "family": r.family, "lr": r.lr, "seeds": r.seeds, "baseline": r is baseline,
-            "status": "failed" if r.failed else "ok", "failed_seeds": len(r.failed),
+            "status": ("not run" if all(o.status == "not run" for o in r.outcomes) else "failed") if r.failed
+            else "ok", "failed_seeds": len(r.failed),
             "optimizer": r.ok[0].summary.get("optimizer") if r.ok else None,
             "final_val_loss": r.final, "final_val_loss_std": r.spread,
             "final_val_ppl": math.exp(min(r.final, 50.0)) if r.final is not None else None,
@@ -730,6 +738,110 @@ def seed_row(o: Outcome, target: float | None, tokens_per_step: int) -> dict[str
             "val": o.summary["val"]}
 
 
+TRAIN_WINDOW = 50  # steps averaged for the final train loss (one step's loss is noisy)
+
+
+def final_train_loss(summary: dict[str, Any], window: int = TRAIN_WINDOW) -> float | None:
+    losses = [x for x in summary.get("losses") or [] if x is not None and math.isfinite(x)]
+    return statistics.fmean(losses[-window:]) if losses else None
+
+
+def crossings(curve: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]]) -> list[float]:
+    """Token counts where ``curve`` and ``reference`` (same eval points) change order, linearly interpolated
+    between the eval points on each side of the change."""
+    ref = dict(reference)
+    diffs = [(t, v - ref[t]) for t, v in curve if t in ref]
+    out = []
+    for (t0, d0), (t1, d1) in zip(diffs, diffs[1:]):
+        if d0 == 0.0 or (d0 < 0.0) != (d1 < 0.0):
+            out.append(float(t0) if d0 == 0.0 else t0 + d0 / (d0 - d1) * (t1 - t0))
+    return out
+
+
+def horizon_rows(rows: Sequence[dict[str, Any]], outcomes: Sequence[Outcome], train_tokens: int | None,
+                 tokens_per_step: int) -> list[dict[str, Any]]:
+    """Per configuration: final train loss beside val loss (the generalisation gap), the epochs of the training
+    split the run saw, and against the baseline: the final gap and where the val curves cross."""
+    base = next((r for r in rows if r["baseline"]), None)
+    out = []
+    for row in rows:
+        ok = [o for o in outcomes if o.job.spec.name == row["name"] and o.summary is not None]
+        train = [x for x in (final_train_loss(o.summary) for o in ok) if x is not None]
+        train_loss = statistics.fmean(train) if train and row["status"] == "ok" else None
+        tokens = statistics.fmean(o.summary.get("tokens_total") or o.summary["step"] * tokens_per_step for o in ok) \
+            if ok else None
+        val = row["final_val_loss"]
+        out.append({
+            "name": row["name"], "family": row["family"], "lr": row["lr"], "final_val_loss": val,
+            "final_train_loss": train_loss, "gap": val - train_loss if val is not None and train_loss else None,
+            "tokens": tokens, "epochs": tokens / train_tokens if tokens and train_tokens else None,
+            "vs_baseline": val - base["final_val_loss"] if base and val is not None else None,
+            "crossings": crossings(row["curve"], base["curve"]) if base and row["curve"] and not row["baseline"]
+            else [],
+        })
+    return out
+
+
+HORIZON_HEADER = ("| run | final val loss | final train loss | val − train | final val − baseline's | val curves cross "
+                  "the baseline's at (tokens) | epochs of the train split |")
+
+
+def render_horizon(hrows: Sequence[dict[str, Any]], window: int = TRAIN_WINDOW) -> str:
+    def num(x: float | None, fmt: str) -> str:
+        return "–" if x is None else format(x, fmt)
+
+    lines = ["", f"Generalisation and crossings (train loss: the mean of the last {window} steps' training loss; "
+             "\"cross\": where a run's val curve and the baseline's change order, interpolated between evals):", "",
+             HORIZON_HEADER, "|" + "---|" * (HORIZON_HEADER.count("|") - 1)]
+    for h in hrows:
+        cross = ", ".join(f"{t:,.0f}" for t in h["crossings"]) or "never"
+        lines.append(f"| {h['name']} | {num(h['final_val_loss'], '.4f')} | {num(h['final_train_loss'], '.4f')} | "
+                     f"{num(h['gap'], '+.4f')} | {num(h['vs_baseline'], '+.4f')} | {cross} | "
+                     f"{num(h['epochs'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_lr_sensitivity(path: Path, hrows: Sequence[dict[str, Any]], title: str) -> Path | None:
+    """Final val loss against lr, one line per optimizer family that was swept over two or more lrs."""
+    families: dict[str, list[tuple[float, float]]] = {}
+    for h in hrows:
+        if h["lr"] is not None and h["final_val_loss"] is not None:
+            families.setdefault(h["family"], []).append((h["lr"], h["final_val_loss"]))
+    families = {f: sorted(v) for f, v in families.items() if len(v) >= 2}
+    if not families:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family, points in families.items():
+        lrs, losses = zip(*points)
+        ax.plot(lrs, losses, "o-", label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel("lr (SinkGD: matrices step with lr × lr_scale)")
+    ax.set_ylabel("final val loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def train_split_tokens(run_config: dict[str, Any]) -> int | None:
+    """Tokens in the training split the runs drew from (from the data cache the runs built)."""
+    d = run_config["data"]
+    try:
+        from launch.data import load_tokens
+
+        return len(load_tokens(d["source"], d["vocab_size"], d["val_fraction"], d["tokenizer"], d["text_column"]).train)
+    except Exception:  # noqa: BLE001 - a report without epochs beats no report
+        return None
+
+
 def ranks(world: int) -> str:
     return f"{world} rank" + ("s" if world != 1 else "")
 
@@ -755,6 +867,8 @@ TABLE_HEADER = ("| run | final val loss | perplexity | tokens to baseline loss |
 def table_row(row: dict[str, Any], has_baseline: bool) -> str:
     name = f"**{row['name']}** (baseline)" if row["baseline"] else row["name"]
     wall = fmt_seconds(row["wall_seconds"])
+    if row["status"] == "not run":
+        return f"| {name} | not run yet | | | | | | | |"
     if row["status"] == "failed":
         return f"| {name} | failed ({row['failed_seeds']}/{len(row['seeds'])} seeds) | | | | | | | {wall} |"
     loss = f"{row['final_val_loss']:.4f}"
@@ -863,16 +977,18 @@ def write_reports(opts: Options, jobs: Sequence[Job], outcomes: Sequence[Outcome
     baseline = choose_baseline(results)
     rows = result_rows(results, baseline, settings["tokens_per_step"])
     notes = [n for n in [sweep_edge_note(results, baseline)] if n]
-    markdown = render_markdown(settings, rows, notes)
+    hrows = horizon_rows(rows, outcomes, train_split_tokens(jobs[0].run_config), settings["tokens_per_step"])
+    markdown = render_markdown(settings, rows, notes) + render_horizon(hrows)
     opts.out.mkdir(parents=True, exist_ok=True)
     paths = [opts.out / "compare.md", opts.out / "compare.json", opts.out / "compare.png"]
     paths[0].write_text(markdown)
     paths[1].write_text(json.dumps({"settings": settings, "baseline": baseline.name if baseline else None,
                                     "target_val_loss": baseline.final if baseline else None, "notes": notes,
-                                    "runs": rows}, indent=1))
+                                    "runs": rows, "horizon": hrows}, indent=1))
     title = f"{settings['model']}, ZeRO-{opts.stage}, {ranks(opts.world)}, {settings['steps']} steps"
     plot_curves(paths[2], rows, title, baseline.final if baseline else None, settings["tokens_per_step"])
-    return markdown, paths
+    lr_plot = plot_lr_sensitivity(opts.out / "compare_lr.png", hrows, f"final val loss vs lr ({title})")
+    return markdown, paths + ([lr_plot] if lr_plot else [])
 
 
 # ---------------------------------------------------------------------- main
@@ -912,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
     markdown, paths = write_reports(opts, jobs, outcomes)
     print("\n" + markdown + "\n" + "\n".join(f"wrote {p}" for p in paths), flush=True)
-    failed = [o.job.spec.run_name for o in outcomes if o.summary is None]
+    failed = [o.job.spec.run_name for o in outcomes if o.summary is None and o.status != "not run"]
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)} (logs in their run directories)", file=sys.stderr)
     return 1 if failed else 0

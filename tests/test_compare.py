@@ -281,3 +281,45 @@ def test_small_sweep_reports_a_failure_then_reuses_finished_runs(tmp_path, monke
     assert "[1/2] adamw-lr0.002-seed0: reused" in printed and "[2/2] scale-seed0: reused" in printed
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert "adamw-broken" not in (out / "compare.md").read_text()
+
+
+# ---------------------------------------------------------------------- the horizon details (issue 29)
+def test_crossings_are_interpolated_where_the_order_changes():
+    base = [(100, 5.0), (200, 4.0), (300, 3.5), (400, 3.2)]
+    run = [(100, 4.8), (200, 4.1), (300, 3.6), (400, 3.1)]  # ahead, behind (cross in (100, 200)), ahead again
+    got = compare.crossings(run, base)
+    # d = -0.2 at 100, +0.1 at 200: 100 + 0.2/0.3*100; d = +0.1 at 300, -0.1 at 400: 350
+    assert got == [pytest.approx(100 + 200 / 3), pytest.approx(350.0)]
+    assert compare.crossings(base, base)[:1] == [100.0]  # equal counts as a crossing point
+    assert compare.crossings([(1, 1.0), (2, 0.5)], [(1, 2.0), (2, 1.0)]) == []
+
+
+def test_horizon_rows_train_loss_gap_epochs_and_crossings():
+    outcomes = [
+        fake_outcome("adamw-lr0.002", "adamw", [(10, 5.0), (20, 4.0)], lr=2e-3, losses=[9.0] * 60 + [3.0] * 50,
+                     tokens_total=20_000),
+        fake_outcome("sinkgd-l5-lr0.02", "sinkgd-l5", [(10, 4.5), (20, 4.2)], lr=0.02, losses=[2.0, 3.6],
+                     tokens_total=20_000),
+    ]
+    results = group_results(outcomes)
+    rows = result_rows(results, choose_baseline(results), tokens_per_step=1000)
+    h = {r["name"]: r for r in compare.horizon_rows(rows, outcomes, train_tokens=8_000, tokens_per_step=1000)}
+    assert h["adamw-lr0.002"]["final_train_loss"] == pytest.approx(3.0)  # the last 50 steps only
+    assert h["adamw-lr0.002"]["gap"] == pytest.approx(1.0) and h["adamw-lr0.002"]["epochs"] == pytest.approx(2.5)
+    assert h["sinkgd-l5-lr0.02"]["final_train_loss"] == pytest.approx(2.8)
+    assert h["sinkgd-l5-lr0.02"]["vs_baseline"] == pytest.approx(0.2)
+    # ahead by 0.5 at 10,000 tokens, behind by 0.2 at 20,000: the curves cross at 10,000 + 0.5/0.7 * 10,000
+    assert h["sinkgd-l5-lr0.02"]["crossings"] == [pytest.approx(10_000 + 50_000 / 7)]
+    assert h["sinkgd-l5-lr0.02"]["lr"] == 0.02
+    table = compare.render_horizon(list(h.values()))
+    assert "| sinkgd-l5-lr0.02 | 4.2000 | 2.8000 | +1.4000 | +0.2000 | 17,143 | 2.50 |" in table
+
+
+def test_report_only_reports_finished_runs_and_starts_none(tmp_path, capsys):
+    argv = ["--optimizers", "adamw", "--adamw-lrs", "2e-3", "--steps", "4", "--eval-every", "2", "--out", str(tmp_path),
+            "--report-only"]
+    assert compare.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "adamw-lr0.002-seed0: not run yet (--report-only)" in out
+    assert "| adamw-lr0.002 | not run yet | | | | | | | |" in out
+    assert not (tmp_path / "adamw-lr0.002-seed0").exists()  # nothing was started
