@@ -17,12 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from launch.errors import CheckpointSaveError, ConfigError, DataError
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "configs" / "models"
-
-
-class ConfigError(ValueError):
-    """A bad run or DeepSpeed config value; the message says what is allowed."""
 
 
 # section -> key -> (allowed types, default). Keys starting with "_" are comments / sources, ignored.
@@ -290,9 +288,6 @@ def run_entry(prepare: Callable[[], dict[str, Any]], train: Callable[[dict[str, 
     ``error: ...`` and exits 2 before any process group starts; otherwise train on the prepared plan. A checkpoint
     the engine then fails to load (exit 2, before the first step) or a save that cannot finish (exit 1) ends the
     rank the same way, with the message instead of a traceback."""
-    from launch.corpus import DataError
-    from launch.runstate import CheckpointSaveError
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         plan = prepare()

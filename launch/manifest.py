@@ -21,15 +21,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError
+from launch.errors import CheckpointError
 
 NAME = "manifest.json"
 FORMAT = 1
 _BLOCK = 1 << 22
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed: the message names the checkpoint, the file and what is wrong."""
 
 
 def crc32_of(path: Path, sync: bool = False) -> int:

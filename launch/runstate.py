@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from launch import manifest
-from launch.config import ConfigError
+from launch.errors import CheckpointSaveError, ConfigError
 
 STOP = {"signal": None}
 
@@ -61,16 +61,6 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
                           "--overwrite to start over there, or another --out")
     if overwrite and os.environ.get("LOCAL_RANK", "0") == "0":
         shutil.rmtree(out_dir, ignore_errors=True)
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save that could not finish (disk full, I/O error). The previous checkpoint is intact and ``latest`` still
-    names it; ``announce``: this rank prints the message (every rank raises the collective space check's, rank 0
-    prints it)."""
-
-    def __init__(self, message: str, announce: bool = True):
-        super().__init__(message)
-        self.announce = announce
 
 
 def save(engine: Any, out_dir: Path, step: int, client_state: dict[str, Any], keep: int,
