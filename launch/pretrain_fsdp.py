@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `launch` importable
 
 from launch.config import ROOT, ConfigError, add_run_control_args, run_entry  # noqa: E402
-from launch.pretrain import prepare  # noqa: E402
+from launch.plan import prepare  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
